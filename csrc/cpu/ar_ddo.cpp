@@ -1,0 +1,54 @@
+// CPU kernels of the fused autoregressive DDO loss.
+//   forward : r_b = sum_l log_softmax(logits[b, l])[targets[b, l]] - ref_logprob_b, then the loss
+//             head; saves only logsumexp [B, L].
+//   backward: d logits[b, l, :] = k_b * (onehot - softmax), k_b = d(total)/d r_b from the loss head,
+//             softmax recomputed from the saved logsumexp in the same pass that writes the grad.
+#include <torch/library.h>
+
+#include "loss_head.h"
+#include "token_logprobs.h"
+
+namespace ddo_fast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ar_ddo_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& targets,
+    const std::optional<at::Tensor>& ref_logprob, const std::optional<at::Tensor>& is_real,
+    const std::optional<at::Tensor>& sample_weight, double alpha, double beta,
+    int64_t ignore_index, int64_t reduction) {
+  check_reduction(reduction);
+  auto [logp, lse] = token_rows_forward(logits, targets, ignore_index);
+  const int64_t batch = logp.size(0);
+  // Sum over tokens in double: sequences of hundreds of tokens lose digits in fp32 otherwise.
+  at::Tensor logratio = logp.sum(1, /*keepdim=*/false, at::kDouble);
+  if (ref_logprob.has_value()) {
+    check_batch_vector(*ref_logprob, batch, "ref_logprob");
+    logratio = logratio - ref_logprob->to(at::kDouble);
+  }
+  logratio = logratio.to(at::kFloat);
+  if (!is_real.has_value()) {
+    return {at::empty({0}, logp.options()), logratio, at::ones({2}, logp.options()), lse};
+  }
+  auto [out, norm] = loss_head_forward(logratio, *is_real, sample_weight, alpha, beta, reduction);
+  return {out, logratio, norm, lse};
+}
+
+at::Tensor ar_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
+                          const std::optional<at::Tensor>& grad_logratio, const at::Tensor& logits,
+                          const at::Tensor& targets, const at::Tensor& lse,
+                          const at::Tensor& logratio, const std::optional<at::Tensor>& is_real,
+                          const std::optional<at::Tensor>& sample_weight, const at::Tensor& norm,
+                          double alpha, double beta, int64_t ignore_index, int64_t reduction) {
+  const at::Tensor k = loss_head_coef(grad_out, grad_logratio, logratio, is_real, sample_weight,
+                                      norm, alpha, beta, reduction);
+  return token_rows_backward(k, logits, targets, lse, ignore_index);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddo_fast, CPU, m) {
+  m.impl("ar_ddo_fwd", &ar_ddo_fwd_cpu);
+  m.impl("ar_ddo_bwd", &ar_ddo_bwd_cpu);
+}
+
+}  // namespace ddo_fast

@@ -1,0 +1,32 @@
+"""ddo_fast: fused kernels for Direct Discriminative Optimization (Zheng et al., ICML 2025).
+
+The DDO loss fine-tunes a likelihood model theta against its frozen copy theta_ref with the
+implicit discriminator ``r = log p_theta - log p_ref``:
+``L = -E_data logsigmoid(beta r) - alpha E_{x ~ p_ref} logsigmoid(-beta r)``.
+"""
+
+from . import _C  # noqa: F401  (loads the C++ library: operator schemas and CPU kernels)
+from .loss import ARDDOLoss, DDOLoss, DiffusionDDOLoss
+from .ops import (
+    ar_ddo_loss,
+    ddo_loss,
+    diffusion_ddo_loss,
+    diffusion_logratio,
+    sequence_logprob,
+    token_logprobs,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARDDOLoss",
+    "DDOLoss",
+    "DiffusionDDOLoss",
+    "ar_ddo_loss",
+    "ddo_loss",
+    "diffusion_ddo_loss",
+    "diffusion_logratio",
+    "sequence_logprob",
+    "token_logprobs",
+    "__version__",
+]

@@ -1,0 +1,70 @@
+"""Backend selection: which implementation of an operator runs.
+
+=========  ==========================================================================
+``auto``   C++ kernels on CPU tensors, Triton kernels on CUDA tensors (the default)
+``cpp``    the C++ kernels (``ddo_fast._C``); CPU tensors only
+``triton`` the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+``torch``  plain PyTorch (``ddo_fast.reference``), any device
+=========  ==========================================================================
+
+The default comes from the ``backend=`` argument, else ``$DDO_FAST_BACKEND``, else ``auto``.
+A backend that cannot run raises; nothing ever falls back silently to another one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "torch")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``, set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Return ``"dispatch"`` (the registered operator: C++ on CPU, Triton on CUDA),
+    ``"triton-interpret"`` (Triton kernels on CPU tensors) or ``"torch"``."""
+    name = backend if backend is not None else os.environ.get("DDO_FAST_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"ddo_fast: backend must be one of {BACKENDS} or None, got {name!r}")
+    if name == "torch":
+        return "torch"
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(
+            f"ddo_fast: backend={name!r} has no kernels for device {device}; "
+            "use backend='torch' there"
+        )
+    if name == "auto":
+        if device.type == "cuda" and not triton_installed():
+            raise RuntimeError(
+                "ddo_fast: CUDA tensors run the Triton kernels, and triton is not installed: "
+                "`pip install triton`, or pass backend='torch'"
+            )
+        return "dispatch"
+    if name == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"ddo_fast: backend='cpp' runs on CPU tensors, got tensors on {device}; "
+                "use backend='triton' or 'auto' for CUDA"
+            )
+        return "dispatch"
+    # name == "triton"
+    if not triton_installed():
+        raise RuntimeError("ddo_fast: backend='triton' needs triton: `pip install triton`")
+    if device.type == "cuda":
+        return "dispatch"
+    if not triton_interpreting():
+        raise RuntimeError(
+            "ddo_fast: backend='triton' on CPU tensors needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before triton is first imported (or use backend='cpp')"
+        )
+    return "triton-interpret"
