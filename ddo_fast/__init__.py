@@ -5,6 +5,8 @@ implicit discriminator ``r = log p_theta - log p_ref``:
 ``L = -E_data logsigmoid(beta r) - alpha E_{x ~ p_ref} logsigmoid(-beta r)``.
 """
 
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+
 from . import _C  # noqa: F401  (loads the C++ library: operator schemas and CPU kernels)
 from .loss import ARDDOLoss, DDOLoss, DiffusionDDOLoss
 from .ops import (

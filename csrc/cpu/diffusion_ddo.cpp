@@ -22,7 +22,9 @@ constexpr int64_t kChunk = 1 << 14;
 // View as [B, D] with unit inner stride (copies only when the layout cannot be viewed so).
 at::Tensor as_rows(const at::Tensor& t, int64_t batch, at::ScalarType dtype) {
   at::Tensor x = t.scalar_type() == dtype ? t : t.to(dtype);
-  x = x.reshape({batch, -1});
+  int64_t dim = 1;
+  for (int64_t d = 1; d < x.dim(); ++d) dim *= x.size(d);
+  x = x.reshape({batch, dim});
   if (x.size(1) > 1 && x.stride(1) != 1) x = x.contiguous();
   return x;
 }

@@ -1,0 +1,44 @@
+"""Launch-size heuristics shared by the kernels.
+
+On a GPU the grids aim at several waves of resident programs (bandwidth-bound kernels need many
+bytes in flight); under the interpreter every program costs ~1.7 ms of Python, so grids are kept
+as small as the kernels allow.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs that keep every SM busy for a few waves (1 when interpreting)."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    return 8 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def rows_2d(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x`` as [batch, D] with unit inner stride, copying only when no such view exists."""
+    rows = x.reshape(batch, x[0].numel() if batch else 0)
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def vector(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A contiguous [B] tensor (a no-op in the usual case) so kernels index it with ``b``."""
+    return None if x is None else x.contiguous()
