@@ -14,6 +14,7 @@ well under 6 minutes on an H100; writes ``gpu_check.json`` and the test log unde
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,10 +38,14 @@ def _build() -> None:
 
 def _tests(out: Path) -> int:
     start = time.time()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short",
+           str(ROOT / "tests")]
+    if importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", "8"]  # Triton/inductor compiles dominate: spread them over the cores
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
-    tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-12:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    tail = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:15] + lines[-3:]
     print("\n".join(tail))
     print(f"[tests] rc={proc.returncode} in {time.time() - start:.0f}s", flush=True)
     return proc.returncode
@@ -148,6 +153,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not args.skip_build:
         _build()
+        # The editable install's import hook is read at interpreter start: continue in a fresh
+        # interpreter so that `import ddo_fast` finds the package just built.
+        argv = [sys.executable, __file__, "--skip-build", "--out", str(out)]
+        os.execv(sys.executable, argv + (["--skip-tests"] if args.skip_tests else []))
     rc = 0 if args.skip_tests else _tests(out)
     rows = _bench(out)
     _print_table(rows)

@@ -173,6 +173,7 @@ def test_torch_compile_fullgraph_parity(device):
     eager_grads = torch.autograd.grad(eager, (pred, logits))
     compiled = torch.compile(step, fullgraph=True)(pred, logits)
     compiled_grads = torch.autograd.grad(compiled, (pred, logits))
-    torch.testing.assert_close(compiled, eager)
+    # inductor may reorder the small reductions around the ops: fp32 rounding differences only
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

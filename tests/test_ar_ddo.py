@@ -7,6 +7,7 @@ from utils import (
     GRAD_TOL,
     KERNEL_BACKENDS,
     assert_close_scaled,
+    assert_raises_out_of_range,
     batch_strided,
     rand_mask,
     upstream_like,
@@ -79,7 +80,12 @@ def test_empty_batch(backend_device, reduction):
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
 def test_out_of_range_target_raises(backend_device):
     backend, device = backend_device
-    logits, targets, ref = _inputs((2, 3, 11), torch.float32, device)
-    targets[0, 0] = 11
-    with pytest.raises((IndexError, RuntimeError), match="targets"):
-        ddo_fast.ar_ddo_loss(logits, targets, ref, rand_mask(2, device), backend=backend)
+    assert_raises_out_of_range(f"""
+        import torch, ddo_fast
+        logits = torch.randn(2, 3, 11, device="{device}", requires_grad=True)
+        targets = torch.randint(0, 11, (2, 3), device="{device}")
+        targets[0, 0] = 11
+        is_real = torch.tensor([True, False], device="{device}")
+        ddo_fast.ar_ddo_loss(logits, targets, torch.zeros(2, device="{device}"), is_real,
+                             backend="{backend}")
+        """, device)

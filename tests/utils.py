@@ -66,3 +66,22 @@ def upstream_like(out: torch.Tensor) -> torch.Tensor:
     """A random upstream gradient: per-sample for reduction none (the case that catches a
     kernel that only supports a scalar grad), a random scalar otherwise."""
     return torch.randn_like(out) if out.dim() else torch.randn((), device=out.device) + 2.0
+
+
+def assert_raises_out_of_range(call_source: str, device: str) -> None:
+    """An out-of-range target must stop the op: a Python exception on CPU; on CUDA a device-side
+    assert (no host sync), which poisons the CUDA context, so it is checked in a subprocess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    if device != "cuda":
+        namespace: dict = {}
+        with pytest.raises((IndexError, RuntimeError), match="targets"):
+            exec(textwrap.dedent(call_source), namespace)
+        return
+    code = "import torch, ddo_fast\n" + textwrap.dedent(call_source) + "\ntorch.cuda.synchronize()\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0, "an out-of-range target did not stop the CUDA op"
+    assert "assert" in proc.stderr.lower(), proc.stderr[-2000:]
