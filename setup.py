@@ -26,7 +26,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on a machine wit
 
 def _cpu_flags() -> list[str]:
     """-O3, OpenMP, and AVX2/FMA when the build machine has them (DDO_FAST_NATIVE=0 disables)."""
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+    # No -std flag: BuildExtension picks the standard the installed torch headers need.
+    flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     if os.environ.get("DDO_FAST_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return flags
     try:
@@ -54,7 +55,7 @@ def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = _cpu_flags()
     if os.environ.get("DDO_FAST_DEBUG") == "1":
-        cxx = ["-O0", "-g", "-fopenmp", "-std=c++17"]
+        cxx = ["-O0", "-g", "-fopenmp"]
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if _want_cuda():
         if not torch.cuda.is_available():

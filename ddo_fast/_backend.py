@@ -21,13 +21,10 @@ import torch
 BACKENDS = ("auto", "cpp", "triton", "torch")
 
 
-def triton_interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Read once at import: both are fixed for the life of the process (triton reads the interpreter
+# flag when it is first imported), and module constants keep resolve_backend traceable by dynamo.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -44,7 +41,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             "use backend='torch' there"
         )
     if name == "auto":
-        if device.type == "cuda" and not triton_installed():
+        if device.type == "cuda" and not TRITON_INSTALLED:
             raise RuntimeError(
                 "ddo_fast: CUDA tensors run the Triton kernels, and triton is not installed: "
                 "`pip install triton`, or pass backend='torch'"
@@ -58,11 +55,11 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             )
         return "dispatch"
     # name == "triton"
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         raise RuntimeError("ddo_fast: backend='triton' needs triton: `pip install triton`")
     if device.type == "cuda":
         return "dispatch"
-    if not triton_interpreting():
+    if not TRITON_INTERPRET:
         raise RuntimeError(
             "ddo_fast: backend='triton' on CPU tensors needs the Triton interpreter: set "
             "TRITON_INTERPRET=1 before triton is first imported (or use backend='cpp')"

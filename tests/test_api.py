@@ -42,7 +42,7 @@ def test_cpp_backend_refuses_non_cpu_tensors():
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ddo_fast._backend, "TRITON_INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         ddo_fast.ddo_loss(torch.zeros(2), torch.tensor([True, False]), backend="triton")
 
