@@ -43,8 +43,7 @@ def _mask(batch: int, device: str) -> torch.Tensor:
 def _eager_ar_cross_entropy(logits, targets, ref, is_real):
     """The AR loss with the token gather done by F.cross_entropy (what many trainers use)."""
     batch, length, vocab = logits.shape
-    nll = F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1),
-                          reduction="none")
+    nll = F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), reduction="none")
     r = -nll.view(batch, length).sum(1) - ref
     return R.ddo_loss_ref(r, is_real, alpha=ALPHA, beta=BETA_AR)
 
@@ -64,8 +63,9 @@ def _forward_step(loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, *rest):
     return run
 
 
-def diffusion_case(shape, dtype, device, providers=("eager", "compile", "ddo_fast"),
-                   mode="fwd+bwd") -> Case:
+def diffusion_case(
+    shape, dtype, device, providers=("eager", "compile", "ddo_fast"), mode="fwd+bwd"
+) -> Case:
     batch = shape[0]
     numel = 1
     for s in shape:
@@ -77,16 +77,23 @@ def diffusion_case(shape, dtype, device, providers=("eager", "compile", "ddo_fas
     is_real = _mask(batch, device)
     es = pred.element_size()
     min_bytes = numel * es * (3 if mode == "fwd" else 6)
-    case = Case("diffusion_ddo" + ("" if mode == "fwd+bwd" else "_fwd"), tuple(shape), dtype,
-                device, min_bytes)
+    case = Case(
+        "diffusion_ddo" + ("" if mode == "fwd+bwd" else "_fwd"),
+        tuple(shape),
+        dtype,
+        device,
+        min_bytes,
+    )
 
     def eager(p):
-        return R.diffusion_ddo_loss_ref(p, pred_ref, target, weight, is_real, alpha=ALPHA,
-                                        beta=BETA_DIFFUSION)
+        return R.diffusion_ddo_loss_ref(
+            p, pred_ref, target, weight, is_real, alpha=ALPHA, beta=BETA_DIFFUSION
+        )
 
     def fused(p):
-        return ddo_fast.diffusion_ddo_loss(p, pred_ref, target, weight, is_real, alpha=ALPHA,
-                                           beta=BETA_DIFFUSION)
+        return ddo_fast.diffusion_ddo_loss(
+            p, pred_ref, target, weight, is_real, alpha=ALPHA, beta=BETA_DIFFUSION
+        )
 
     step = _grad_step if mode == "fwd+bwd" else _forward_step
     table = {"eager": eager, "compile": torch.compile(eager), "ddo_fast": fused}
@@ -94,8 +101,13 @@ def diffusion_case(shape, dtype, device, providers=("eager", "compile", "ddo_fas
     return case
 
 
-def ar_case(shape, dtype, device, providers=("eager", "cross_entropy", "compile", "ddo_fast"),
-            mode="fwd+bwd") -> Case:
+def ar_case(
+    shape,
+    dtype,
+    device,
+    providers=("eager", "cross_entropy", "compile", "ddo_fast"),
+    mode="fwd+bwd",
+) -> Case:
     batch, length, vocab = shape
     logits = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, vocab, (batch, length), device=device)
@@ -103,8 +115,9 @@ def ar_case(shape, dtype, device, providers=("eager", "cross_entropy", "compile"
     is_real = _mask(batch, device)
     es = logits.element_size()
     min_bytes = batch * length * vocab * es * (1 if mode == "fwd" else 3)
-    case = Case("ar_ddo" + ("" if mode == "fwd+bwd" else "_fwd"), tuple(shape), dtype, device,
-                min_bytes)
+    case = Case(
+        "ar_ddo" + ("" if mode == "fwd+bwd" else "_fwd"), tuple(shape), dtype, device, min_bytes
+    )
 
     def eager(x):
         return R.ar_ddo_loss_ref(x, targets, ref, is_real, alpha=ALPHA, beta=BETA_AR)
@@ -113,15 +126,24 @@ def ar_case(shape, dtype, device, providers=("eager", "cross_entropy", "compile"
         return ddo_fast.ar_ddo_loss(x, targets, ref, is_real, alpha=ALPHA, beta=BETA_AR)
 
     step = _grad_step if mode == "fwd+bwd" else _forward_step
-    table = {"eager": eager, "cross_entropy": _eager_ar_cross_entropy,
-             "compile": torch.compile(eager), "ddo_fast": fused}
+    table = {
+        "eager": eager,
+        "cross_entropy": _eager_ar_cross_entropy,
+        "compile": torch.compile(eager),
+        "ddo_fast": fused,
+    }
     rest = {"cross_entropy": (targets, ref, is_real)}
     case.providers = {name: step(table[name], logits, *rest.get(name, ())) for name in providers}
     return case
 
 
-def token_case(shape, dtype, device, providers=("eager", "cross_entropy", "compile", "ddo_fast"),
-               mode="fwd+bwd") -> Case:
+def token_case(
+    shape,
+    dtype,
+    device,
+    providers=("eager", "cross_entropy", "compile", "ddo_fast"),
+    mode="fwd+bwd",
+) -> Case:
     """token_logprobs with a per-token upstream gradient (its sum), vs log_softmax+gather and
     F.cross_entropy(reduction="none")."""
     batch, length, vocab = shape
@@ -129,28 +151,39 @@ def token_case(shape, dtype, device, providers=("eager", "cross_entropy", "compi
     targets = torch.randint(0, vocab, (batch, length), device=device)
     es = logits.element_size()
     min_bytes = batch * length * vocab * es * (1 if mode == "fwd" else 3)
-    case = Case("token_logprobs" + ("" if mode == "fwd+bwd" else "_fwd"), tuple(shape), dtype,
-                device, min_bytes)
+    case = Case(
+        "token_logprobs" + ("" if mode == "fwd+bwd" else "_fwd"),
+        tuple(shape),
+        dtype,
+        device,
+        min_bytes,
+    )
 
     def eager(x):
         return R.token_logprobs_ref(x, targets).sum()
 
     def cross_entropy(x):
-        return -F.cross_entropy(x.reshape(-1, vocab).float(), targets.reshape(-1),
-                                reduction="none").sum()
+        return -F.cross_entropy(
+            x.reshape(-1, vocab).float(), targets.reshape(-1), reduction="none"
+        ).sum()
 
     def fused(x):
         return ddo_fast.token_logprobs(x, targets).sum()
 
     step = _grad_step if mode == "fwd+bwd" else _forward_step
-    table = {"eager": eager, "cross_entropy": cross_entropy, "compile": torch.compile(eager),
-             "ddo_fast": fused}
+    table = {
+        "eager": eager,
+        "cross_entropy": cross_entropy,
+        "compile": torch.compile(eager),
+        "ddo_fast": fused,
+    }
     case.providers = {name: step(table[name], logits) for name in providers}
     return case
 
 
-def copy_bandwidth(device: str, timer: Callable[[Callable[[], None]], float],
-                   nbytes: int = 1 << 30) -> float:
+def copy_bandwidth(
+    device: str, timer: Callable[[Callable[[], None]], float], nbytes: int = 1 << 30
+) -> float:
     """Device-to-device (or RAM) copy bandwidth in GB/s, counting bytes read plus written."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)

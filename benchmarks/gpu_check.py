@@ -27,8 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _build() -> None:
     start = time.time()
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-           "--no-index", "-e", str(ROOT)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-build-isolation",
+        "--no-deps",
+        "--no-index",
+        "-e",
+        str(ROOT),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     print(f"[build] rc={proc.returncode} in {time.time() - start:.0f}s", flush=True)
     if proc.returncode:
@@ -38,8 +48,16 @@ def _build() -> None:
 
 def _tests(out: Path) -> int:
     start = time.time()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short",
-           str(ROOT / "tests")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--tb=short",
+        str(ROOT / "tests"),
+    ]
     if importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", "8"]  # Triton/inductor compiles dominate: spread them over the cores
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -77,11 +95,17 @@ def _graph_timer(fn) -> float:
 
 def _diagnose() -> None:
     """An out-of-range target on the C++ CPU path, in a child with faulthandler on."""
-    code = ("import torch, ddo_fast\nx = torch.randn(2, 3, 7)\ny = torch.zeros(2, 3, "
-            "dtype=torch.long)\ny[1, 1] = 9\ntry:\n    ddo_fast.token_logprobs(x, y, "
-            "backend='cpp')\nexcept IndexError as e:\n    print('IndexError OK:', e)\n")
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True,
-                          text=True, cwd="/tmp")
+    code = (
+        "import torch, ddo_fast\nx = torch.randn(2, 3, 7)\ny = torch.zeros(2, 3, "
+        "dtype=torch.long)\ny[1, 1] = 9\ntry:\n    ddo_fast.token_logprobs(x, y, "
+        "backend='cpp')\nexcept IndexError as e:\n    print('IndexError OK:', e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd="/tmp",
+    )
     print(f"[diagnose] rc={proc.returncode} {proc.stdout.strip()[:300]}")
     if proc.returncode:
         print("\n".join(proc.stderr.splitlines()[-25:]))
@@ -125,8 +149,11 @@ def _bench(out: Path) -> list[dict]:
 
     timer = _timer()
     copy_gbs = copy_bandwidth("cuda", timer)
-    print(f"[bench] {torch.cuda.get_device_name()} torch {torch.__version__} triton "
-          f"{triton.__version__}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
+    print(
+        f"[bench] {torch.cuda.get_device_name()} torch {torch.__version__} triton "
+        f"{triton.__version__}: device-to-device copy {copy_gbs:.0f} GB/s",
+        flush=True,
+    )
     rows = []
     for make in _cases():
         case = make()
@@ -141,9 +168,17 @@ def _bench(out: Path) -> list[dict]:
             device_s = _graph_timer(fn)
             times[name] = device_s if device_s == device_s else seconds
             gbs = case.min_bytes / times[name] / 1e9
-            rows.append({"case": case.name, "provider": name, "ms": seconds * 1e3,
-                         "graph_ms": device_s * 1e3, "GB/s": gbs,
-                         "pct_copy": 100 * gbs / copy_gbs, "peak_extra_MB": peak / 2**20})
+            rows.append(
+                {
+                    "case": case.name,
+                    "provider": name,
+                    "ms": seconds * 1e3,
+                    "graph_ms": device_s * 1e3,
+                    "GB/s": gbs,
+                    "pct_copy": 100 * gbs / copy_gbs,
+                    "peak_extra_MB": peak / 2**20,
+                }
+            )
         for row in rows:
             if row["case"] == case.name:
                 mine = times[row["provider"]]
@@ -153,23 +188,33 @@ def _bench(out: Path) -> list[dict]:
         print(f"[bench] {case.name} done", flush=True)
         del case
         torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "copy_GBps": copy_gbs}
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_GBps": copy_gbs,
+    }
     (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 
 
 def _print_table(rows: list[dict]) -> None:
-    print("ms: do_bench wall median (host launch overhead included); graph ms: CUDA-graph replay "
-          "(device time); GB/s, %copy and speed-ups use graph ms")
-    head = (f"{'case':34} {'provider':13} {'ms':>7} {'graph ms':>8} {'GB/s':>6} {'%copy':>6} "
-            f"{'x eager':>7} {'x comp':>6} {'peak MB':>7}")
+    print(
+        "ms: do_bench wall median (host launch overhead included); graph ms: CUDA-graph replay "
+        "(device time); GB/s, %copy and speed-ups use graph ms"
+    )
+    head = (
+        f"{'case':34} {'provider':13} {'ms':>7} {'graph ms':>8} {'GB/s':>6} {'%copy':>6} "
+        f"{'x eager':>7} {'x comp':>6} {'peak MB':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['case']:34} {r['provider']:13} {r['ms']:7.3f} {r['graph_ms']:8.3f} "
-              f"{r['GB/s']:6.0f} {r['pct_copy']:6.1f} {r.get('x_vs_eager', float('nan')):7.2f} "
-              f"{r.get('x_vs_compile', float('nan')):6.2f} {r['peak_extra_MB']:7.1f}")
+        print(
+            f"{r['case']:34} {r['provider']:13} {r['ms']:7.3f} {r['graph_ms']:8.3f} "
+            f"{r['GB/s']:6.0f} {r['pct_copy']:6.1f} {r.get('x_vs_eager', float('nan')):7.2f} "
+            f"{r.get('x_vs_compile', float('nan')):6.2f} {r['peak_extra_MB']:7.1f}"
+        )
 
 
 def main() -> int:

@@ -24,46 +24,95 @@ class _DDOSettings(nn.Module):
     ) -> None:
         super().__init__()
         reduction_code(reduction)  # fail at construction, not at the first step
-        self.alpha, self.beta, self.reduction, self.backend = float(alpha), float(beta), reduction, backend
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.reduction, self.backend = reduction, backend
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
+            f"backend={self.backend!r}"
+        )
 
 
 class DDOLoss(_DDOSettings):
     """``forward(logratio [B], is_real [B], sample_weight=None)`` -> :func:`ddo_fast.ddo_loss`."""
 
-    def forward(self, logratio: torch.Tensor, is_real: torch.Tensor,
-                sample_weight: torch.Tensor | None = None) -> torch.Tensor:
-        return ddo_loss(logratio, is_real, alpha=self.alpha, beta=self.beta,
-                        sample_weight=sample_weight, reduction=self.reduction, backend=self.backend)
+    def forward(
+        self,
+        logratio: torch.Tensor,
+        is_real: torch.Tensor,
+        sample_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return ddo_loss(
+            logratio,
+            is_real,
+            alpha=self.alpha,
+            beta=self.beta,
+            sample_weight=sample_weight,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
 
 
 class DiffusionDDOLoss(_DDOSettings):
     """``forward(pred, pred_ref, target, weight, is_real, sample_weight=None)`` ->
     :func:`ddo_fast.diffusion_ddo_loss` (one fused op)."""
 
-    def forward(self, pred: torch.Tensor, pred_ref: torch.Tensor, target: torch.Tensor,
-                weight: torch.Tensor, is_real: torch.Tensor,
-                sample_weight: torch.Tensor | None = None) -> torch.Tensor:
-        return diffusion_ddo_loss(pred, pred_ref, target, weight, is_real, alpha=self.alpha,
-                                  beta=self.beta, sample_weight=sample_weight,
-                                  reduction=self.reduction, backend=self.backend)
+    def forward(
+        self,
+        pred: torch.Tensor,
+        pred_ref: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor,
+        is_real: torch.Tensor,
+        sample_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return diffusion_ddo_loss(
+            pred,
+            pred_ref,
+            target,
+            weight,
+            is_real,
+            alpha=self.alpha,
+            beta=self.beta,
+            sample_weight=sample_weight,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
 
 
 class ARDDOLoss(_DDOSettings):
     """``forward(logits, targets, ref_logprob, is_real, sample_weight=None)`` ->
     :func:`ddo_fast.ar_ddo_loss` (one fused op)."""
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, reduction: str = "mean",
-                 backend: str | None = None, ignore_index: int = -100) -> None:
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        reduction: str = "mean",
+        backend: str | None = None,
+        ignore_index: int = -100,
+    ) -> None:
         super().__init__(alpha, beta, reduction, backend)
         self.ignore_index = int(ignore_index)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, ref_logprob: torch.Tensor,
-                is_real: torch.Tensor, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
-        return ar_ddo_loss(logits, targets, ref_logprob, is_real, alpha=self.alpha,
-                           beta=self.beta, ignore_index=self.ignore_index,
-                           sample_weight=sample_weight, reduction=self.reduction,
-                           backend=self.backend)
+    def forward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        ref_logprob: torch.Tensor,
+        is_real: torch.Tensor,
+        sample_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return ar_ddo_loss(
+            logits,
+            targets,
+            ref_logprob,
+            is_real,
+            alpha=self.alpha,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            sample_weight=sample_weight,
+            reduction=self.reduction,
+            backend=self.backend,
+        )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "assert_targets_in_range",
     "ddo_loss_ref",
     "diffusion_logratio_ref",
     "diffusion_ddo_loss_ref",
@@ -97,20 +98,24 @@ def diffusion_ddo_loss_ref(
     )
 
 
+def assert_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target is in [0, vocab) or equals ignore_index. Device-side on CUDA (no host sync;
+    a failure is a device assert), an immediate RuntimeError on CPU; traceable by dynamo."""
+    if targets.numel():
+        valid = (targets == ignore_index) | ((targets >= 0) & (targets < vocab))
+        torch._assert_async(
+            valid.all(),
+            f"ddo_fast: `targets` holds a value outside the vocabulary [0, {vocab}) that is not "
+            f"ignore_index={ignore_index}",
+        )
+
+
 def token_logprobs_ref(
     logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
 ) -> torch.Tensor:
     """``log_softmax(logits)[targets]`` [B, L]; 0 where ``targets == ignore_index``."""
-    vocab = logits.shape[-1]
+    assert_targets_in_range(targets, logits.shape[-1], ignore_index)
     valid = targets != ignore_index
-    in_range = (targets >= 0) & (targets < vocab)
-    if targets.numel():
-        # Device-side check: no host sync on CUDA, an immediate error on CPU.
-        torch._assert_async(
-            (valid <= in_range).all(),
-            f"ddo_fast: `targets` holds a value outside the vocabulary [0, {vocab}) that is not "
-            f"ignore_index={ignore_index}",
-        )
     logp = torch.log_softmax(logits.to(_acc_dtype(logits)), dim=-1)
     picked = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, picked.new_zeros(()))

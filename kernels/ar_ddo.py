@@ -17,17 +17,28 @@ from .launch import vector
 from .token_logprobs import prepare, row_backward, row_forward
 
 
-def forward(logits, targets, ref_logprob, is_real, sample_weight, alpha, beta, ignore_index,
-            reduction):
+def forward(
+    logits, targets, ref_logprob, is_real, sample_weight, alpha, beta, ignore_index, reduction
+):
     batch, length, vocab = logits.shape
     if batch == 0:
         out, logratio, norm = empty_batch_outputs(logits.device, is_real is not None, reduction)
-        return out, logratio, norm, torch.empty(0, length, dtype=torch.float32,
-                                                device=logits.device)
+        return (
+            out,
+            logratio,
+            norm,
+            torch.empty(0, length, dtype=torch.float32, device=logits.device),
+        )
     logp, lse = row_forward(logits, targets, ignore_index)
     out, logratio, norm, ok = run_epilogue(
-        logp, offset=ref_logprob, is_real=is_real, sample_weight=sample_weight,
-        alpha=alpha, beta=beta, reduction=reduction, check=True,
+        logp,
+        offset=ref_logprob,
+        is_real=is_real,
+        sample_weight=sample_weight,
+        alpha=alpha,
+        beta=beta,
+        reduction=reduction,
+        check=True,
     )
     torch._assert_async(
         ok,
@@ -37,14 +48,35 @@ def forward(logits, targets, ref_logprob, is_real, sample_weight, alpha, beta, i
     return out, logratio, norm, lse
 
 
-def backward(grad_out, grad_logratio, logits, targets, lse, logratio, is_real, sample_weight,
-             norm, alpha, beta, ignore_index, reduction):
+def backward(
+    grad_out,
+    grad_logratio,
+    logits,
+    targets,
+    lse,
+    logratio,
+    is_real,
+    sample_weight,
+    norm,
+    alpha,
+    beta,
+    ignore_index,
+    reduction,
+):
     gout, gstride = coef_args(grad_out, reduction)
     coef = dict(
-        r_ptr=logratio, real_ptr=as_flags(is_real), sw_ptr=vector(sample_weight), norm_ptr=norm,
-        gout_ptr=gout, gout_stride=gstride, gr_ptr=vector(grad_logratio),
-        alpha=float(alpha), beta=float(beta), HAS_GOUT=gout is not None,
-        HAS_SW=sample_weight is not None, HAS_GR=grad_logratio is not None,
+        r_ptr=logratio,
+        real_ptr=as_flags(is_real),
+        sw_ptr=vector(sample_weight),
+        norm_ptr=norm,
+        gout_ptr=gout,
+        gout_stride=gstride,
+        gr_ptr=vector(grad_logratio),
+        alpha=float(alpha),
+        beta=float(beta),
+        HAS_GOUT=gout is not None,
+        HAS_SW=sample_weight is not None,
+        HAS_GR=grad_logratio is not None,
     )
     x, y = prepare(logits, targets)
     return row_backward(x, y, lse, ignore_index, coef_kwargs=coef)

@@ -43,8 +43,20 @@ def dloss_dr(r, real, w, alpha, beta):
 
 @triton.jit
 def upstream_coef(
-    idx, mask, r_ptr, real_ptr, sw_ptr, norm_ptr, gout_ptr, gout_stride, gr_ptr, alpha, beta,
-    HAS_GOUT: tl.constexpr, HAS_SW: tl.constexpr, HAS_GR: tl.constexpr,
+    idx,
+    mask,
+    r_ptr,
+    real_ptr,
+    sw_ptr,
+    norm_ptr,
+    gout_ptr,
+    gout_stride,
+    gr_ptr,
+    alpha,
+    beta,
+    HAS_GOUT: tl.constexpr,
+    HAS_SW: tl.constexpr,
+    HAS_GR: tl.constexpr,
 ):
     """k = grad_logratio + grad_out * norm[group] * dl/dr, for samples ``idx`` (scalar or block).
 
@@ -67,11 +79,27 @@ def upstream_coef(
 
 @triton.jit
 def loss_epilogue_kernel(
-    part_ptr, n_parts, scale_ptr, offset_ptr, real_ptr, sw_ptr,
-    r_ptr, out_ptr, norm_ptr, ok_ptr, B, alpha, beta,
-    NEG_SCALE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_LOSS: tl.constexpr,
-    HAS_SW: tl.constexpr, REDUCTION: tl.constexpr, CHECK: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    part_ptr,
+    n_parts,
+    scale_ptr,
+    offset_ptr,
+    real_ptr,
+    sw_ptr,
+    r_ptr,
+    out_ptr,
+    norm_ptr,
+    ok_ptr,
+    B,
+    alpha,
+    beta,
+    NEG_SCALE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_LOSS: tl.constexpr,
+    HAS_SW: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    CHECK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """r_b = [-scale_b] * sum_p part[b, p] [- offset_b]; then the loss head and its reduction.
 
@@ -89,8 +117,9 @@ def loss_epilogue_kernel(
         for p0 in range(0, n_parts, BLOCK_P):
             cols = p0 + tl.arange(0, BLOCK_P)
             m = row_mask[:, None] & (cols[None, :] < n_parts)
-            x = tl.load(part_ptr + rows.to(tl.int64)[:, None] * n_parts + cols[None, :],
-                        mask=m, other=0.0)
+            x = tl.load(
+                part_ptr + rows.to(tl.int64)[:, None] * n_parts + cols[None, :], mask=m, other=0.0
+            )
             if CHECK:
                 n_bad += tl.sum(tl.where(x == float("inf"), 1.0, 0.0), axis=1)
             acc += tl.sum(x, axis=1)
@@ -128,13 +157,37 @@ def loss_epilogue_kernel(
 
 @triton.jit
 def coef_kernel(
-    coef_ptr, B, r_ptr, real_ptr, sw_ptr, norm_ptr, gout_ptr, gout_stride, alpha, beta,
-    HAS_SW: tl.constexpr, BLOCK: tl.constexpr,
+    coef_ptr,
+    B,
+    r_ptr,
+    real_ptr,
+    sw_ptr,
+    norm_ptr,
+    gout_ptr,
+    gout_stride,
+    alpha,
+    beta,
+    HAS_SW: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < B
-    k = upstream_coef(idx, mask, r_ptr, real_ptr, sw_ptr, norm_ptr, gout_ptr, gout_stride,
-                      r_ptr, alpha, beta, True, HAS_SW, False)
+    k = upstream_coef(
+        idx,
+        mask,
+        r_ptr,
+        real_ptr,
+        sw_ptr,
+        norm_ptr,
+        gout_ptr,
+        gout_stride,
+        r_ptr,
+        alpha,
+        beta,
+        True,
+        HAS_SW,
+        False,
+    )
     tl.store(coef_ptr + idx, k, mask=mask)
 
 
@@ -173,11 +226,27 @@ def run_epilogue(
     block_b = max(2, min(next_pow2(batch), 8192 // block_p))
     flags, sw = as_flags(is_real), vector(sample_weight)
     loss_epilogue_kernel[(1,)](
-        parts, n_parts, vector(neg_scale), vector(offset), flags, sw,
-        logratio, out, norm, ok, batch, float(alpha), float(beta),
-        NEG_SCALE=neg_scale is not None, HAS_OFFSET=offset is not None,
-        HAS_LOSS=is_real is not None, HAS_SW=sample_weight is not None,
-        REDUCTION=int(reduction), CHECK=check, BLOCK_B=block_b, BLOCK_P=block_p,
+        parts,
+        n_parts,
+        vector(neg_scale),
+        vector(offset),
+        flags,
+        sw,
+        logratio,
+        out,
+        norm,
+        ok,
+        batch,
+        float(alpha),
+        float(beta),
+        NEG_SCALE=neg_scale is not None,
+        HAS_OFFSET=offset is not None,
+        HAS_LOSS=is_real is not None,
+        HAS_SW=sample_weight is not None,
+        REDUCTION=int(reduction),
+        CHECK=check,
+        BLOCK_B=block_b,
+        BLOCK_P=block_p,
     )
     return out, logratio, norm, ok
 
@@ -206,8 +275,14 @@ def forward(logratio, is_real, sample_weight, alpha, beta, reduction):
     if logratio.shape[0] == 0:
         return empty_batch_outputs(logratio.device, True, reduction)[::2]
     parts = logratio.to(torch.float32).reshape(-1, 1).contiguous()
-    out, _, norm, _ = run_epilogue(parts, is_real=is_real, sample_weight=sample_weight,
-                                   alpha=alpha, beta=beta, reduction=reduction)
+    out, _, norm, _ = run_epilogue(
+        parts,
+        is_real=is_real,
+        sample_weight=sample_weight,
+        alpha=alpha,
+        beta=beta,
+        reduction=reduction,
+    )
     return out, norm
 
 
@@ -219,8 +294,17 @@ def backward(grad_out, logratio, is_real, sample_weight, norm, alpha, beta, redu
     gout, gstride = coef_args(grad_out, reduction)
     block = max(2, min(next_pow2(batch), 1024))
     coef_kernel[(triton.cdiv(batch, block),)](
-        coef, batch, vector(logratio.to(torch.float32)), as_flags(is_real), vector(sample_weight),
-        norm, gout, gstride, float(alpha), float(beta),
-        HAS_SW=sample_weight is not None, BLOCK=block,
+        coef,
+        batch,
+        vector(logratio.to(torch.float32)),
+        as_flags(is_real),
+        vector(sample_weight),
+        norm,
+        gout,
+        gstride,
+        float(alpha),
+        float(beta),
+        HAS_SW=sample_weight is not None,
+        BLOCK=block,
     )
     return coef

@@ -25,7 +25,16 @@ BLOCK_GPU, WARPS_GPU = 1024, 4
 
 @triton.jit
 def partial_kernel(
-    pred_ptr, ref_ptr, tgt_ptr, part_ptr, D, stride_p, stride_q, stride_t, chunk, n_parts,
+    pred_ptr,
+    ref_ptr,
+    tgt_ptr,
+    part_ptr,
+    D,
+    stride_p,
+    stride_q,
+    stride_t,
+    chunk,
+    n_parts,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -46,14 +55,46 @@ def partial_kernel(
 
 @triton.jit
 def grad_kernel(
-    pred_ptr, tgt_ptr, grad_ptr, weight_ptr, D, stride_p, stride_t, chunk,
-    r_ptr, real_ptr, sw_ptr, norm_ptr, gout_ptr, gout_stride, gr_ptr, alpha, beta,
-    HAS_GOUT: tl.constexpr, HAS_SW: tl.constexpr, HAS_GR: tl.constexpr, BLOCK: tl.constexpr,
+    pred_ptr,
+    tgt_ptr,
+    grad_ptr,
+    weight_ptr,
+    D,
+    stride_p,
+    stride_t,
+    chunk,
+    r_ptr,
+    real_ptr,
+    sw_ptr,
+    norm_ptr,
+    gout_ptr,
+    gout_stride,
+    gr_ptr,
+    alpha,
+    beta,
+    HAS_GOUT: tl.constexpr,
+    HAS_SW: tl.constexpr,
+    HAS_GR: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1).to(tl.int64) * chunk
-    k = upstream_coef(b, True, r_ptr, real_ptr, sw_ptr, norm_ptr, gout_ptr, gout_stride, gr_ptr,
-                      alpha, beta, HAS_GOUT, HAS_SW, HAS_GR)
+    k = upstream_coef(
+        b,
+        True,
+        r_ptr,
+        real_ptr,
+        sw_ptr,
+        norm_ptr,
+        gout_ptr,
+        gout_stride,
+        gr_ptr,
+        alpha,
+        beta,
+        HAS_GOUT,
+        HAS_SW,
+        HAS_GR,
+    )
     coef = -2.0 * tl.load(weight_ptr + b).to(tl.float32) * k
     for off in range(0, chunk, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
@@ -78,8 +119,11 @@ def _split(batch: int, dim: int, device: torch.device) -> tuple[int, int, int]:
 def _rows(pred, pred_ref, target):
     batch = pred.shape[0]
     dtype = pred.dtype
-    return (rows_2d(pred, batch), rows_2d(pred_ref.to(dtype), batch),
-            rows_2d(target.to(dtype), batch))
+    return (
+        rows_2d(pred, batch),
+        rows_2d(pred_ref.to(dtype), batch),
+        rows_2d(target.to(dtype), batch),
+    )
 
 
 def forward(pred, pred_ref, target, weight, is_real, sample_weight, alpha, beta, reduction):
@@ -91,18 +135,45 @@ def forward(pred, pred_ref, target, weight, is_real, sample_weight, alpha, beta,
     block, chunk, n_parts = _split(batch, dim, pred.device)
     parts = torch.empty(batch, n_parts, dtype=torch.float32, device=pred.device)
     partial_kernel[(batch, n_parts)](
-        p, q, t, parts, dim, p.stride(0), q.stride(0), t.stride(0), chunk, n_parts,
-        BLOCK=block, num_warps=WARPS_GPU,
+        p,
+        q,
+        t,
+        parts,
+        dim,
+        p.stride(0),
+        q.stride(0),
+        t.stride(0),
+        chunk,
+        n_parts,
+        BLOCK=block,
+        num_warps=WARPS_GPU,
     )
     out, logratio, norm, _ = run_epilogue(
-        parts, neg_scale=weight, is_real=is_real, sample_weight=sample_weight,
-        alpha=alpha, beta=beta, reduction=reduction,
+        parts,
+        neg_scale=weight,
+        is_real=is_real,
+        sample_weight=sample_weight,
+        alpha=alpha,
+        beta=beta,
+        reduction=reduction,
     )
     return out, logratio, norm
 
 
-def backward(grad_out, grad_logratio, pred, target, weight, logratio, is_real, sample_weight,
-             norm, alpha, beta, reduction):
+def backward(
+    grad_out,
+    grad_logratio,
+    pred,
+    target,
+    weight,
+    logratio,
+    is_real,
+    sample_weight,
+    norm,
+    alpha,
+    beta,
+    reduction,
+):
     batch = pred.shape[0]
     grad = torch.empty_like(pred, memory_format=torch.contiguous_format)
     if batch == 0 or grad.numel() == 0:
@@ -113,10 +184,27 @@ def backward(grad_out, grad_logratio, pred, target, weight, logratio, is_real, s
     block, chunk, n_parts = _split(batch, dim, pred.device)
     gout, gstride = coef_args(grad_out, reduction)
     grad_kernel[(batch, n_parts)](
-        p, t, grad, vector(weight), dim, p.stride(0), t.stride(0), chunk,
-        logratio, as_flags(is_real), vector(sample_weight), norm, gout, gstride,
-        vector(grad_logratio), float(alpha), float(beta),
-        HAS_GOUT=gout is not None, HAS_SW=sample_weight is not None,
-        HAS_GR=grad_logratio is not None, BLOCK=block, num_warps=WARPS_GPU,
+        p,
+        t,
+        grad,
+        vector(weight),
+        dim,
+        p.stride(0),
+        t.stride(0),
+        chunk,
+        logratio,
+        as_flags(is_real),
+        vector(sample_weight),
+        norm,
+        gout,
+        gstride,
+        vector(grad_logratio),
+        float(alpha),
+        float(beta),
+        HAS_GOUT=gout is not None,
+        HAS_SW=sample_weight is not None,
+        HAS_GR=grad_logratio is not None,
+        BLOCK=block,
+        num_warps=WARPS_GPU,
     )
     return grad

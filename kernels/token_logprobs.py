@@ -25,8 +25,17 @@ BLOCK_LOOP = 4096  # vocabulary tile of the looped paths
 
 @triton.jit
 def lse_kernel(
-    x_ptr, y_ptr, logp_ptr, lse_ptr, L, V, stride_b, stride_l, ignore_index,
-    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    logp_ptr,
+    lse_ptr,
+    L,
+    V,
+    stride_b,
+    stride_l,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + (row // L) * stride_b + (row % L) * stride_l
@@ -60,23 +69,58 @@ def lse_kernel(
 
 @triton.jit
 def grad_kernel(
-    x_ptr, y_ptr, lse_ptr, grad_ptr, L, V, stride_b, stride_l, ignore_index,
-    tok_ptr, tok_stride_b, tok_stride_l,
-    r_ptr, real_ptr, sw_ptr, norm_ptr, gout_ptr, gout_stride, gr_ptr, alpha, beta,
-    PER_TOKEN: tl.constexpr, HAS_GOUT: tl.constexpr, HAS_SW: tl.constexpr,
-    HAS_GR: tl.constexpr, BLOCK_V: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    lse_ptr,
+    grad_ptr,
+    L,
+    V,
+    stride_b,
+    stride_l,
+    ignore_index,
+    tok_ptr,
+    tok_stride_b,
+    tok_stride_l,
+    r_ptr,
+    real_ptr,
+    sw_ptr,
+    norm_ptr,
+    gout_ptr,
+    gout_stride,
+    gr_ptr,
+    alpha,
+    beta,
+    PER_TOKEN: tl.constexpr,
+    HAS_GOUT: tl.constexpr,
+    HAS_SW: tl.constexpr,
+    HAS_GR: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
-    l = row % L
-    base = x_ptr + b * stride_b + l * stride_l
+    pos = row % L
+    base = x_ptr + b * stride_b + pos * stride_l
     y = tl.load(y_ptr + row)
     valid = (y >= 0) & (y < V) & (y != ignore_index)
     if PER_TOKEN:
-        k = tl.load(tok_ptr + b * tok_stride_b + l * tok_stride_l).to(tl.float32)
+        k = tl.load(tok_ptr + b * tok_stride_b + pos * tok_stride_l).to(tl.float32)
     else:
-        k = upstream_coef(b, True, r_ptr, real_ptr, sw_ptr, norm_ptr, gout_ptr, gout_stride,
-                          gr_ptr, alpha, beta, HAS_GOUT, HAS_SW, HAS_GR)
+        k = upstream_coef(
+            b,
+            True,
+            r_ptr,
+            real_ptr,
+            sw_ptr,
+            norm_ptr,
+            gout_ptr,
+            gout_stride,
+            gr_ptr,
+            alpha,
+            beta,
+            HAS_GOUT,
+            HAS_SW,
+            HAS_GR,
+        )
     k = tl.where(valid, k, 0.0)
     lse = tl.load(lse_ptr + row)
     out = grad_ptr + row * V
@@ -111,8 +155,18 @@ def row_forward(logits, targets, ignore_index):
     single = next_pow2(vocab) <= MAX_SINGLE
     block = max(2, next_pow2(vocab)) if single else BLOCK_LOOP
     lse_kernel[(batch * length,)](
-        x, y, logp, lse, length, vocab, x.stride(0), x.stride(1), int(ignore_index),
-        BLOCK_V=block, SINGLE=single, num_warps=_warps(block),
+        x,
+        y,
+        logp,
+        lse,
+        length,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        int(ignore_index),
+        BLOCK_V=block,
+        SINGLE=single,
+        num_warps=_warps(block),
     )
     return logp, lse
 
@@ -128,15 +182,38 @@ def row_backward(logits, targets, lse, ignore_index, *, per_token=None, coef_kwa
     block = max(2, min(next_pow2(vocab), BLOCK_LOOP))
     if per_token is not None:
         tok = (per_token, per_token.stride(0), per_token.stride(1))
-        coef = dict(r_ptr=None, real_ptr=None, sw_ptr=None, norm_ptr=None, gout_ptr=None,
-                    gout_stride=0, gr_ptr=None, alpha=0.0, beta=0.0,
-                    HAS_GOUT=False, HAS_SW=False, HAS_GR=False)
+        coef = dict(
+            r_ptr=None,
+            real_ptr=None,
+            sw_ptr=None,
+            norm_ptr=None,
+            gout_ptr=None,
+            gout_stride=0,
+            gr_ptr=None,
+            alpha=0.0,
+            beta=0.0,
+            HAS_GOUT=False,
+            HAS_SW=False,
+            HAS_GR=False,
+        )
     else:
         tok = (None, 0, 0)
         coef = coef_kwargs
     grad_kernel[(batch * length,)](
-        x, y, lse, grad, length, vocab, x.stride(0), x.stride(1), int(ignore_index), *tok,
-        PER_TOKEN=per_token is not None, BLOCK_V=block, num_warps=_warps(block), **coef,
+        x,
+        y,
+        lse,
+        grad,
+        length,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        int(ignore_index),
+        *tok,
+        PER_TOKEN=per_token is not None,
+        BLOCK_V=block,
+        num_warps=_warps(block),
+        **coef,
     )
     return grad
 

@@ -8,8 +8,8 @@ arch) with the resources the compiler reports; exits non-zero if any compile fai
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,10 +18,9 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
+from ddo_fast.kernels import ar_ddo, ddo_loss, diffusion_ddo, token_logprobs  # noqa: E402, F401
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-
-from ddo_fast.kernels import ar_ddo, ddo_loss, diffusion_ddo, token_logprobs  # noqa: E402, F401
 
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 HEAD = {"alpha": "fp32", "beta": "fp32"}
@@ -32,7 +31,7 @@ def _coef_sig(on: bool) -> tuple[dict, dict]:
     names = ["r_ptr", "real_ptr", "sw_ptr", "norm_ptr", "gout_ptr", "gr_ptr"]
     types = ["*fp32", "*u8", "*fp32", "*fp32", "*fp32", "*fp32"]
     if on:
-        sig = dict(zip(names, types)) | {"gout_stride": "i32"} | HEAD
+        sig = dict(zip(names, types, strict=True)) | {"gout_stride": "i32"} | HEAD
         return sig, {"HAS_GOUT": True, "HAS_SW": True, "HAS_GR": True}
     sig = {n: "constexpr" for n in names} | {"gout_stride": "i32"} | HEAD
     return sig, {n: None for n in names} | {"HAS_GOUT": False, "HAS_SW": False, "HAS_GR": False}
@@ -40,44 +39,141 @@ def _coef_sig(on: bool) -> tuple[dict, dict]:
 
 def cases():
     for dt, ptr in DTYPES.items():
-        yield ("diffusion_ddo.partial_kernel", dt, diffusion_ddo.partial_kernel,
-               {"pred_ptr": ptr, "ref_ptr": ptr, "tgt_ptr": ptr, "part_ptr": "*fp32", "D": "i64",
-                "stride_p": "i64", "stride_q": "i64", "stride_t": "i64", "chunk": "i64",
-                "n_parts": "i32"}, {"BLOCK": diffusion_ddo.BLOCK_GPU}, diffusion_ddo.WARPS_GPU)
+        yield (
+            "diffusion_ddo.partial_kernel",
+            dt,
+            diffusion_ddo.partial_kernel,
+            {
+                "pred_ptr": ptr,
+                "ref_ptr": ptr,
+                "tgt_ptr": ptr,
+                "part_ptr": "*fp32",
+                "D": "i64",
+                "stride_p": "i64",
+                "stride_q": "i64",
+                "stride_t": "i64",
+                "chunk": "i64",
+                "n_parts": "i32",
+            },
+            {"BLOCK": diffusion_ddo.BLOCK_GPU},
+            diffusion_ddo.WARPS_GPU,
+        )
         sig, const = _coef_sig(True)
-        yield ("diffusion_ddo.grad_kernel", dt, diffusion_ddo.grad_kernel,
-               {"pred_ptr": ptr, "tgt_ptr": ptr, "grad_ptr": ptr, "weight_ptr": "*fp32",
-                "D": "i64", "stride_p": "i64", "stride_t": "i64", "chunk": "i64"} | sig,
-               const | {"BLOCK": diffusion_ddo.BLOCK_GPU}, diffusion_ddo.WARPS_GPU)
+        yield (
+            "diffusion_ddo.grad_kernel",
+            dt,
+            diffusion_ddo.grad_kernel,
+            {
+                "pred_ptr": ptr,
+                "tgt_ptr": ptr,
+                "grad_ptr": ptr,
+                "weight_ptr": "*fp32",
+                "D": "i64",
+                "stride_p": "i64",
+                "stride_t": "i64",
+                "chunk": "i64",
+            }
+            | sig,
+            const | {"BLOCK": diffusion_ddo.BLOCK_GPU},
+            diffusion_ddo.WARPS_GPU,
+        )
         for single, block in ((True, 4096), (False, token_logprobs.BLOCK_LOOP)):
-            yield (f"token_logprobs.lse_kernel[single={single}]", dt, token_logprobs.lse_kernel,
-                   {"x_ptr": ptr, "y_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
-                    "L": "i32", "V": "i32", "stride_b": "i64", "stride_l": "i64",
-                    "ignore_index": "i32"}, {"BLOCK_V": block, "SINGLE": single},
-                   token_logprobs._warps(block))
+            yield (
+                f"token_logprobs.lse_kernel[single={single}]",
+                dt,
+                token_logprobs.lse_kernel,
+                {
+                    "x_ptr": ptr,
+                    "y_ptr": "*i64",
+                    "logp_ptr": "*fp32",
+                    "lse_ptr": "*fp32",
+                    "L": "i32",
+                    "V": "i32",
+                    "stride_b": "i64",
+                    "stride_l": "i64",
+                    "ignore_index": "i32",
+                },
+                {"BLOCK_V": block, "SINGLE": single},
+                token_logprobs._warps(block),
+            )
         for per_token in (True, False):
             sig, const = _coef_sig(not per_token)
-            tok = ({"tok_ptr": "*fp32", "tok_stride_b": "i32", "tok_stride_l": "i32"} if per_token
-                   else {"tok_ptr": "constexpr", "tok_stride_b": "i32", "tok_stride_l": "i32"})
-            yield (f"token_logprobs.grad_kernel[per_token={per_token}]", dt,
-                   token_logprobs.grad_kernel,
-                   {"x_ptr": ptr, "y_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": ptr, "L": "i32",
-                    "V": "i32", "stride_b": "i64", "stride_l": "i64", "ignore_index": "i32"}
-                   | tok | sig,
-                   const | ({} if per_token else {"tok_ptr": None})
-                   | {"PER_TOKEN": per_token, "BLOCK_V": 4096}, token_logprobs._warps(4096))
+            tok = (
+                {"tok_ptr": "*fp32", "tok_stride_b": "i32", "tok_stride_l": "i32"}
+                if per_token
+                else {"tok_ptr": "constexpr", "tok_stride_b": "i32", "tok_stride_l": "i32"}
+            )
+            yield (
+                f"token_logprobs.grad_kernel[per_token={per_token}]",
+                dt,
+                token_logprobs.grad_kernel,
+                {
+                    "x_ptr": ptr,
+                    "y_ptr": "*i64",
+                    "lse_ptr": "*fp32",
+                    "grad_ptr": ptr,
+                    "L": "i32",
+                    "V": "i32",
+                    "stride_b": "i64",
+                    "stride_l": "i64",
+                    "ignore_index": "i32",
+                }
+                | tok
+                | sig,
+                const
+                | ({} if per_token else {"tok_ptr": None})
+                | {"PER_TOKEN": per_token, "BLOCK_V": 4096},
+                token_logprobs._warps(4096),
+            )
     for reduction in (0, 1, 2):
-        yield (f"ddo_loss.loss_epilogue_kernel[reduction={reduction}]", "fp32",
-               ddo_loss.loss_epilogue_kernel,
-               {"part_ptr": "*fp32", "n_parts": "i32", "scale_ptr": "*fp32", "offset_ptr": "*fp32",
-                "real_ptr": "*u8", "sw_ptr": "*fp32", "r_ptr": "*fp32", "out_ptr": "*fp32",
-                "norm_ptr": "*fp32", "ok_ptr": "*i32", "B": "i32"} | HEAD,
-               {"NEG_SCALE": True, "HAS_OFFSET": True, "HAS_LOSS": True, "HAS_SW": True,
-                "REDUCTION": reduction, "CHECK": True, "BLOCK_B": 8, "BLOCK_P": 1024}, 4)
-    yield ("ddo_loss.coef_kernel", "fp32", ddo_loss.coef_kernel,
-           {"coef_ptr": "*fp32", "B": "i32", "r_ptr": "*fp32", "real_ptr": "*u8", "sw_ptr": "*fp32",
-            "norm_ptr": "*fp32", "gout_ptr": "*fp32", "gout_stride": "i32"} | HEAD,
-           {"HAS_SW": True, "BLOCK": 1024}, 4)
+        yield (
+            f"ddo_loss.loss_epilogue_kernel[reduction={reduction}]",
+            "fp32",
+            ddo_loss.loss_epilogue_kernel,
+            {
+                "part_ptr": "*fp32",
+                "n_parts": "i32",
+                "scale_ptr": "*fp32",
+                "offset_ptr": "*fp32",
+                "real_ptr": "*u8",
+                "sw_ptr": "*fp32",
+                "r_ptr": "*fp32",
+                "out_ptr": "*fp32",
+                "norm_ptr": "*fp32",
+                "ok_ptr": "*i32",
+                "B": "i32",
+            }
+            | HEAD,
+            {
+                "NEG_SCALE": True,
+                "HAS_OFFSET": True,
+                "HAS_LOSS": True,
+                "HAS_SW": True,
+                "REDUCTION": reduction,
+                "CHECK": True,
+                "BLOCK_B": 8,
+                "BLOCK_P": 1024,
+            },
+            4,
+        )
+    yield (
+        "ddo_loss.coef_kernel",
+        "fp32",
+        ddo_loss.coef_kernel,
+        {
+            "coef_ptr": "*fp32",
+            "B": "i32",
+            "r_ptr": "*fp32",
+            "real_ptr": "*u8",
+            "sw_ptr": "*fp32",
+            "norm_ptr": "*fp32",
+            "gout_ptr": "*fp32",
+            "gout_stride": "i32",
+        }
+        | HEAD,
+        {"HAS_SW": True, "BLOCK": 1024},
+        4,
+    )
 
 
 def _ptxas() -> str | None:
@@ -95,8 +191,11 @@ def _registers(ptx: str, cc: int) -> int | None:
         with open(src, "w") as f:
             f.write(ptx)
         arch = "sm_90a" if cc == 90 else f"sm_{cc}"  # triton emits sm_90a PTX for Hopper
-        out = subprocess.run([tool, f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [tool, f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "k.o")],
+            capture_output=True,
+            text=True,
+        )
     match = re.search(r"Used (\d+) registers", out.stdout + out.stderr)
     return int(match.group(1)) if match else None
 
@@ -112,11 +211,15 @@ def main() -> int:
             row = {"kernel": name, "dtype": dt, "arch": f"sm_{cc}"}
             try:
                 src = ASTSource(fn=fn, signature=ordered, constexprs=constexprs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                          options={"num_warps": warps})
-                row |= {"ok": True, "shared": compiled.metadata.shared,
-                        "num_warps": compiled.metadata.num_warps,
-                        "registers": _registers(compiled.asm["ptx"], cc)}
+                compiled = triton.compile(
+                    src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps}
+                )
+                row |= {
+                    "ok": True,
+                    "shared": compiled.metadata.shared,
+                    "num_warps": compiled.metadata.num_warps,
+                    "registers": _registers(compiled.asm["ptx"], cc),
+                }
             except Exception as exc:  # report every failure, not only the first
                 failures += 1
                 row |= {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}

@@ -10,16 +10,22 @@ import pytest
 from utils import HAS_TRITON
 
 SCRIPT = Path(__file__).with_name("aot_compile.py")
-KERNELS = {"diffusion_ddo.partial_kernel", "diffusion_ddo.grad_kernel",
-           "token_logprobs.lse_kernel", "token_logprobs.grad_kernel",
-           "ddo_loss.loss_epilogue_kernel", "ddo_loss.coef_kernel"}
+KERNELS = {
+    "diffusion_ddo.partial_kernel",
+    "diffusion_ddo.grad_kernel",
+    "token_logprobs.lse_kernel",
+    "token_logprobs.grad_kernel",
+    "ddo_loss.loss_epilogue_kernel",
+    "ddo_loss.coef_kernel",
+}
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is a test requirement; install .[test]")
 def test_all_kernels_compile_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600
+    )
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     failed = [r for r in rows if not r["ok"]]
     assert not failed, json.dumps(failed, indent=1)[:4000]

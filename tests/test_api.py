@@ -10,8 +10,13 @@ from ddo_fast import reference as R
 
 def _diffusion_args(batch=4, device="cpu"):
     pred = torch.randn(batch, 3, 5, device=device, requires_grad=True)
-    return (pred, torch.randn(batch, 3, 5, device=device), torch.randn(batch, 3, 5, device=device),
-            torch.rand(batch, device=device) + 0.5, rand_mask(batch, device))
+    return (
+        pred,
+        torch.randn(batch, 3, 5, device=device),
+        torch.randn(batch, 3, 5, device=device),
+        torch.rand(batch, device=device) + 0.5,
+        rand_mask(batch, device),
+    )
 
 
 def _ar_args(batch=3, device="cpu"):
@@ -49,23 +54,31 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_torch_backend_equals_reference():
     args = _diffusion_args()
-    torch.testing.assert_close(ddo_fast.diffusion_ddo_loss(*args, backend="torch"),
-                               R.diffusion_ddo_loss_ref(*args).float())
+    torch.testing.assert_close(
+        ddo_fast.diffusion_ddo_loss(*args, backend="torch"), R.diffusion_ddo_loss_ref(*args).float()
+    )
 
 
 def test_modules_hold_settings():
     args = _diffusion_args()
     module = ddo_fast.DiffusionDDOLoss(alpha=2.0, beta=0.1, reduction="sum", backend="cpp")
     torch.testing.assert_close(
-        module(*args), ddo_fast.diffusion_ddo_loss(*args, alpha=2.0, beta=0.1, reduction="sum"))
+        module(*args), ddo_fast.diffusion_ddo_loss(*args, alpha=2.0, beta=0.1, reduction="sum")
+    )
     assert "alpha=2.0" in repr(module)
     logits, targets, ref, is_real = _ar_args()
     ar = ddo_fast.ARDDOLoss(alpha=5.0, beta=0.2, reduction="none", ignore_index=3)
-    torch.testing.assert_close(ar(logits, targets, ref, is_real), ddo_fast.ar_ddo_loss(
-        logits, targets, ref, is_real, alpha=5.0, beta=0.2, reduction="none", ignore_index=3))
+    torch.testing.assert_close(
+        ar(logits, targets, ref, is_real),
+        ddo_fast.ar_ddo_loss(
+            logits, targets, ref, is_real, alpha=5.0, beta=0.2, reduction="none", ignore_index=3
+        ),
+    )
     r = torch.randn(4)
-    torch.testing.assert_close(ddo_fast.DDOLoss(alpha=3.0)(r, is_real[:3].repeat(2)[:4]),
-                               ddo_fast.ddo_loss(r, is_real[:3].repeat(2)[:4], alpha=3.0))
+    torch.testing.assert_close(
+        ddo_fast.DDOLoss(alpha=3.0)(r, is_real[:3].repeat(2)[:4]),
+        ddo_fast.ddo_loss(r, is_real[:3].repeat(2)[:4], alpha=3.0),
+    )
     with pytest.raises(ValueError, match="reduction"):
         ddo_fast.DDOLoss(reduction="avg")
 
@@ -75,8 +88,18 @@ def test_modules_hold_settings():
 def test_bad_diffusion_inputs(backend):
     pred, pred_ref, target, weight, is_real = _diffusion_args()
     call = lambda **kw: ddo_fast.diffusion_ddo_loss(  # noqa: E731
-        **({"pred": pred, "pred_ref": pred_ref, "target": target, "weight": weight,
-            "is_real": is_real, "backend": backend} | kw))
+        **(
+            {
+                "pred": pred,
+                "pred_ref": pred_ref,
+                "target": target,
+                "weight": weight,
+                "is_real": is_real,
+                "backend": backend,
+            }
+            | kw
+        )
+    )
     with pytest.raises(ValueError, match="pred_ref"):
         call(pred_ref=pred_ref[:, :2])
     with pytest.raises(ValueError, match="weight"):
@@ -130,13 +153,19 @@ def _opcheck_cases(device):
     targets[0, 1] = -100
     sw = torch.rand(4, device=device)
     ops = torch.ops.ddo_fast
-    yield ops.ddo_loss_fwd.default, (torch.randn(4, device=device, requires_grad=True), is_real,
-                                     sw, 2.0, 0.5, 1)
+    yield (
+        ops.ddo_loss_fwd.default,
+        (torch.randn(4, device=device, requires_grad=True), is_real, sw, 2.0, 0.5, 1),
+    )
     for reduction in (0, 1, 2):
-        yield ops.diffusion_ddo_fwd.default, (pred, pred_ref, target, weight, is_real, sw, 2.0,
-                                              0.1, reduction)
-        yield ops.ar_ddo_fwd.default, (logits, targets, ref, is_real3, None, 3.0, 0.2, -100,
-                                       reduction)
+        yield (
+            ops.diffusion_ddo_fwd.default,
+            (pred, pred_ref, target, weight, is_real, sw, 2.0, 0.1, reduction),
+        )
+        yield (
+            ops.ar_ddo_fwd.default,
+            (logits, targets, ref, is_real3, None, 3.0, 0.2, -100, reduction),
+        )
     yield ops.diffusion_ddo_fwd.default, (pred, pred_ref, target, weight, None, None, 1.0, 1.0, 0)
     yield ops.ar_ddo_fwd.default, (logits, targets, None, None, None, 1.0, 1.0, -100, 0)
     yield ops.token_logprobs_fwd.default, (logits, targets, -100)
@@ -160,8 +189,9 @@ def test_torch_compile_fullgraph_parity(device):
     logits, targets, ref, is_real3 = _ar_args(device=device)
 
     def step(pred, logits):
-        a = ddo_fast.diffusion_ddo_loss(pred, pred_ref, target, weight, is_real, beta=0.1,
-                                        backend=backend)
+        a = ddo_fast.diffusion_ddo_loss(
+            pred, pred_ref, target, weight, is_real, beta=0.1, backend=backend
+        )
         b = ddo_fast.ar_ddo_loss(logits, targets, ref, is_real3, alpha=2.0, backend=backend)
         c = ddo_fast.token_logprobs(logits, targets, backend=backend).sum()
         d = ddo_fast.sequence_logprob(logits, targets, backend=backend).sum()
@@ -175,5 +205,5 @@ def test_torch_compile_fullgraph_parity(device):
     compiled_grads = torch.autograd.grad(compiled, (pred, logits))
     # inductor may reorder the small reductions around the ops: fp32 rounding differences only
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    for a, b in zip(compiled_grads, eager_grads):
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

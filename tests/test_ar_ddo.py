@@ -70,8 +70,9 @@ def test_empty_batch(backend_device, reduction):
     logits = torch.randn(0, 4, 7, device=device, requires_grad=True)
     targets = torch.zeros(0, 4, dtype=torch.long, device=device)
     empty = torch.zeros(0, device=device)
-    out = ddo_fast.ar_ddo_loss(logits, targets, empty, empty.bool(), reduction=reduction,
-                               backend=backend)
+    out = ddo_fast.ar_ddo_loss(
+        logits, targets, empty, empty.bool(), reduction=reduction, backend=backend
+    )
     assert torch.all(out == 0)
     out.sum().backward()
     assert logits.grad is not None and logits.grad.shape == logits.shape
@@ -80,7 +81,8 @@ def test_empty_batch(backend_device, reduction):
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
 def test_out_of_range_target_raises(backend_device):
     backend, device = backend_device
-    assert_raises_out_of_range(f"""
+    assert_raises_out_of_range(
+        f"""
         import torch, ddo_fast
         logits = torch.randn(2, 3, 11, device="{device}", requires_grad=True)
         targets = torch.randint(0, 11, (2, 3), device="{device}")
@@ -88,4 +90,6 @@ def test_out_of_range_target_raises(backend_device):
         is_real = torch.tensor([True, False], device="{device}")
         ddo_fast.ar_ddo_loss(logits, targets, torch.zeros(2, device="{device}"), is_real,
                              backend="{backend}")
-        """, device)
+        """,
+        device,
+    )

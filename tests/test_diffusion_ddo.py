@@ -44,13 +44,30 @@ def _check(backend, device, dtype, shape, layout, reduction, with_sw, alpha=1.7,
     pred, pred_ref, target, weight = _inputs(shape, dtype, device, layout)
     is_real = rand_mask(shape[0], device)
     sw = torch.rand(shape[0], device=device) if with_sw else None
-    out = ddo_fast.diffusion_ddo_loss(pred, pred_ref, target, weight, is_real, alpha=alpha,
-                                      beta=beta, sample_weight=sw, reduction=reduction,
-                                      backend=backend)
+    out = ddo_fast.diffusion_ddo_loss(
+        pred,
+        pred_ref,
+        target,
+        weight,
+        is_real,
+        alpha=alpha,
+        beta=beta,
+        sample_weight=sw,
+        reduction=reduction,
+        backend=backend,
+    )
     pred64 = pred.detach().double().requires_grad_()
-    expected = R.diffusion_ddo_loss_ref(pred64, pred_ref.double(), target.double(), weight, is_real,
-                                        alpha=alpha, beta=beta, sample_weight=sw,
-                                        reduction=reduction)
+    expected = R.diffusion_ddo_loss_ref(
+        pred64,
+        pred_ref.double(),
+        target.double(),
+        weight,
+        is_real,
+        alpha=alpha,
+        beta=beta,
+        sample_weight=sw,
+        reduction=reduction,
+    )
     assert out.dtype == torch.float32 and out.shape == expected.shape
     assert_close_scaled(out, expected, rtol=1e-4, atol_frac=1e-5)
     grad_up = upstream_like(out)
@@ -74,8 +91,17 @@ def test_loss_and_grad_match_reference(backend_device, dtype, case, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_sample_weight_and_large_alpha(backend_device, reduction):
     backend, device = backend_device
-    _check(backend, device, torch.float32, (6, 3, 4, 5), "contiguous", reduction, with_sw=True,
-           alpha=25.0, beta=0.3)
+    _check(
+        backend,
+        device,
+        torch.float32,
+        (6, 3, 4, 5),
+        "contiguous",
+        reduction,
+        with_sw=True,
+        alpha=25.0,
+        beta=0.3,
+    )
 
 
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
@@ -91,8 +117,9 @@ def test_logratio_matches_reference(backend_device, dtype):
     g = torch.randn_like(r)
     (grad,) = torch.autograd.grad(r, pred, g)
     (grad64,) = torch.autograd.grad(r64, pred64, g.double())
-    assert_close_scaled(grad, grad64, rtol=max(GRAD_TOL[dtype]["rtol"], 1e-4),
-                        atol_frac=GRAD_TOL[dtype]["rtol"])
+    assert_close_scaled(
+        grad, grad64, rtol=max(GRAD_TOL[dtype]["rtol"], 1e-4), atol_frac=GRAD_TOL[dtype]["rtol"]
+    )
 
 
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
@@ -102,8 +129,9 @@ def test_logratio_and_loss_gradients_combine(backend_device):
     pred, pred_ref, target, weight = _inputs((4, 10), torch.float32, device, "contiguous")
     is_real = rand_mask(4, device)
     r = ddo_fast.diffusion_logratio(pred, pred_ref, target, weight, backend=backend)
-    loss = ddo_fast.diffusion_ddo_loss(pred, pred_ref, target, weight, is_real, beta=0.1,
-                                       backend=backend)
+    loss = ddo_fast.diffusion_ddo_loss(
+        pred, pred_ref, target, weight, is_real, beta=0.1, backend=backend
+    )
     (grad,) = torch.autograd.grad(loss + r.sum(), pred)
     pred64 = pred.detach().double().requires_grad_()
     r64 = R.diffusion_logratio_ref(pred64, pred_ref.double(), target.double(), weight)
@@ -117,8 +145,9 @@ def test_reference_prediction_gets_no_gradient(backend_device):
     backend, device = backend_device
     pred, pred_ref, target, weight = _inputs((3, 8), torch.float32, device, "contiguous")
     pred_ref.requires_grad_()
-    loss = ddo_fast.diffusion_ddo_loss(pred, pred_ref, target, weight, rand_mask(3, device),
-                                       backend=backend)
+    loss = ddo_fast.diffusion_ddo_loss(
+        pred, pred_ref, target, weight, rand_mask(3, device), backend=backend
+    )
     loss.backward()
     assert pred.grad is not None and pred_ref.grad is None
 
@@ -129,9 +158,15 @@ def test_empty_batch(backend_device, reduction):
     backend, device = backend_device
     pred = torch.randn(0, 3, 4, device=device, requires_grad=True)
     other = torch.randn(0, 3, 4, device=device)
-    out = ddo_fast.diffusion_ddo_loss(pred, other, other, torch.ones(0, device=device),
-                                      torch.ones(0, dtype=torch.bool, device=device),
-                                      reduction=reduction, backend=backend)
+    out = ddo_fast.diffusion_ddo_loss(
+        pred,
+        other,
+        other,
+        torch.ones(0, device=device),
+        torch.ones(0, dtype=torch.bool, device=device),
+        reduction=reduction,
+        backend=backend,
+    )
     assert out.shape == ((0,) if reduction == "none" else ())
     assert torch.all(out == 0)
     out.sum().backward()
@@ -142,6 +177,7 @@ def test_loss_at_identical_models_is_one_plus_alpha_log2():
     pred = torch.randn(8, 3, 4)
     alpha = 2.5
     is_real = torch.tensor([True, False] * 4)
-    loss = ddo_fast.diffusion_ddo_loss(pred, pred, torch.randn(8, 3, 4), torch.rand(8), is_real,
-                                       alpha=alpha, beta=0.02)
+    loss = ddo_fast.diffusion_ddo_loss(
+        pred, pred, torch.randn(8, 3, 4), torch.rand(8), is_real, alpha=alpha, beta=0.02
+    )
     torch.testing.assert_close(loss, torch.tensor((1 + alpha) * 0.6931471805599453))

@@ -15,7 +15,8 @@ def test_zero_logratio_gives_one_plus_alpha_log2(alpha):
     r = torch.zeros(6, dtype=torch.float64)
     is_real = torch.tensor([True, False, True, False, False, True])
     assert R.ddo_loss_ref(r, is_real, alpha=alpha, beta=0.02).item() == pytest.approx(
-        (1 + alpha) * LOG2, rel=1e-12)
+        (1 + alpha) * LOG2, rel=1e-12
+    )
 
 
 def test_sign_and_alpha_beta_placement():
@@ -26,8 +27,9 @@ def test_sign_and_alpha_beta_placement():
     sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
     assert per[0].item() == pytest.approx(-math.log(sig(0.5 * 2.0)), rel=1e-12)
     assert per[1].item() == pytest.approx(-3.0 * math.log(1.0 - sig(0.5 * -1.0)), rel=1e-12)
-    assert R.ddo_loss_ref(r, is_real, alpha=3.0, beta=0.5, reduction="sum").item() == \
-        pytest.approx(per.sum().item(), rel=1e-12)
+    assert R.ddo_loss_ref(r, is_real, alpha=3.0, beta=0.5, reduction="sum").item() == pytest.approx(
+        per.sum().item(), rel=1e-12
+    )
 
 
 def test_mean_is_per_group():
@@ -68,15 +70,31 @@ def test_gradcheck(reduction):
     is_real = torch.tensor([True, False, True, False])
     sw = torch.rand(4, dtype=torch.float64)
     pred = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    pred_ref, target, weight = torch.randn(4, 3, dtype=torch.float64), torch.randn(
-        4, 3, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    pred_ref, target, weight = (
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.rand(4, dtype=torch.float64),
+    )
     torch.autograd.gradcheck(
-        lambda p: R.diffusion_ddo_loss_ref(p, pred_ref, target, weight, is_real, alpha=2.0,
-                                           beta=0.3, sample_weight=sw, reduction=reduction),
-        (pred,))
+        lambda p: R.diffusion_ddo_loss_ref(
+            p,
+            pred_ref,
+            target,
+            weight,
+            is_real,
+            alpha=2.0,
+            beta=0.3,
+            sample_weight=sw,
+            reduction=reduction,
+        ),
+        (pred,),
+    )
     logits = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([[0, 4], [1, -100], [2, 3], [4, 4]])
     ref = torch.randn(4, dtype=torch.float64)
     torch.autograd.gradcheck(
-        lambda x: R.ar_ddo_loss_ref(x, targets, ref, is_real, alpha=5.0, beta=0.1,
-                                    reduction=reduction), (logits,))
+        lambda x: R.ar_ddo_loss_ref(
+            x, targets, ref, is_real, alpha=5.0, beta=0.1, reduction=reduction
+        ),
+        (logits,),
+    )

@@ -64,8 +64,9 @@ def test_sequence_logprob_matches_reference(backend_device, dtype):
     g = torch.randn_like(out)
     (grad,) = torch.autograd.grad(out, logits, g)
     (grad64,) = torch.autograd.grad(expected, logits64, g.double())
-    assert_close_scaled(grad, grad64, rtol=GRAD_TOL[dtype]["rtol"],
-                        atol_frac=GRAD_TOL[dtype]["rtol"])
+    assert_close_scaled(
+        grad, grad64, rtol=GRAD_TOL[dtype]["rtol"], atol_frac=GRAD_TOL[dtype]["rtol"]
+    )
 
 
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
@@ -88,10 +89,13 @@ def test_custom_ignore_index_and_masked_vocabulary(backend_device):
 @pytest.mark.parametrize("fn", ["token_logprobs", "sequence_logprob"])
 def test_out_of_range_target_raises(backend_device, bad, fn):
     backend, device = backend_device
-    assert_raises_out_of_range(f"""
+    assert_raises_out_of_range(
+        f"""
         import torch, ddo_fast
         logits = torch.randn(2, 3, 37, device="{device}")
         targets = torch.randint(0, 37, (2, 3), device="{device}")
         targets[1, 2] = {bad}
         ddo_fast.{fn}(logits, targets, backend="{backend}")
-        """, device)
+        """,
+        device,
+    )

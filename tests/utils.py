@@ -52,14 +52,16 @@ def rand_mask(batch: int, device: str) -> torch.Tensor:
     return mask
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
-                        atol_frac: float) -> None:
+def assert_close_scaled(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol_frac: float
+) -> None:
     """assert_close with atol a fraction of the largest expected magnitude (sums of many terms
     carry absolute, not relative, rounding error)."""
     expected = expected.to(torch.float64)
     scale = expected.abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=rtol,
-                               atol=atol_frac * max(scale, 1e-12))
+    torch.testing.assert_close(
+        actual.to(torch.float64), expected, rtol=rtol, atol=atol_frac * max(scale, 1e-12)
+    )
 
 
 def upstream_like(out: torch.Tensor) -> torch.Tensor:
@@ -80,8 +82,7 @@ def assert_raises_out_of_range(call_source: str, device: str) -> None:
         with pytest.raises((IndexError, RuntimeError), match="targets"):
             exec(textwrap.dedent(call_source), namespace)
         return
-    code = "import torch, ddo_fast\n" + textwrap.dedent(call_source) + "\ntorch.cuda.synchronize()\n"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    code = textwrap.dedent(call_source) + "\ntorch.cuda.synchronize()\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, "an out-of-range target did not stop the CUDA op"
     assert "assert" in proc.stderr.lower(), proc.stderr[-2000:]

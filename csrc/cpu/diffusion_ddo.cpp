@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "loss_head.h"
+#include "large_alloc.h"
 #include "vec_math.h"
 
 namespace ddo_fast {
@@ -125,7 +126,7 @@ at::Tensor diffusion_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
   const at::Tensor t = as_rows(target, batch, dtype);
   const int64_t dim = p.size(1);
   const int64_t chunks = std::max<int64_t>(1, (dim + kChunk - 1) / kChunk);
-  at::Tensor grad = at::empty({batch, dim}, pred.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = empty_large({batch, dim}, pred.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffusion_ddo_bwd", [&] {
     const scalar_t* pp = p.const_data_ptr<scalar_t>();

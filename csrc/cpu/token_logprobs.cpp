@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "large_alloc.h"
 #include "vec_math.h"
 
 namespace ddo_fast {
@@ -140,7 +141,7 @@ at::Tensor token_rows_backward(const at::Tensor& coef, const at::Tensor& logits,
   const at::Tensor c = coef.to(at::kFloat).contiguous();
   const int64_t batch = x.size(0), len = x.size(1), vocab = x.size(2);
   const bool per_sequence = c.dim() == 1;
-  at::Tensor grad = at::empty({batch, len, vocab}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = empty_large({batch, len, vocab}, x.options());
   const int64_t* yp = y.const_data_ptr<int64_t>();
   const float* lp = l.const_data_ptr<float>();
   const float* cp = c.const_data_ptr<float>();

@@ -6,7 +6,6 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 namespace ddo_fast {
@@ -15,8 +14,11 @@ namespace ddo_fast {
 // p a degree-6 minimax polynomial (Cephes expf): about 2 ulp on the whole float range.
 // exp(-inf) = 0 exactly (masked vocabulary entries get exactly zero probability); NaN propagates.
 inline float fast_exp(float x) {
+  // Written with plain selects (no std::fmin/fmax, no memcpy) so that GCC if-converts and
+  // vectorises loops that store the result; needs -fno-trapping-math for the floor.
   const float lo = -87.0f, hi = 88.0f;
-  float xc = x < lo ? lo : (x > hi ? hi : x);
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
   const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -27,9 +29,8 @@ inline float fast_exp(float x) {
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float out = x < lo ? 0.0f : y * scale;
+  float out = y * __builtin_bit_cast(float, bits);
+  out = x < lo ? 0.0f : out;
   return x != x ? x : out;
 }
 

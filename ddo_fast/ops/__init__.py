@@ -1,4 +1,4 @@
-"""Operator layer: fake impls, autograd registration, CUDA (Triton) registration, public functions."""
+"""Operator layer: fake impls, autograd and CUDA (Triton) registration, public functions."""
 
 from .ar_ddo import ar_ddo_loss, sequence_logprob
 from .ddo_loss import ddo_loss

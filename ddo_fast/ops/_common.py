@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .. import reference
+
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
@@ -61,7 +63,9 @@ def check_is_real(is_real: Any, batch: int, device: torch.device) -> torch.Tenso
             f"ddo_fast: `is_real` must be a bool tensor (True = data sample), got {is_real.dtype}"
         )
     if is_real.shape != (batch,):
-        raise ValueError(f"ddo_fast: `is_real` must have shape [{batch}], got {list(is_real.shape)}")
+        raise ValueError(
+            f"ddo_fast: `is_real` must have shape [{batch}], got {list(is_real.shape)}"
+        )
     check_device("is_real", is_real, device)
     return is_real
 
@@ -92,6 +96,19 @@ def check_token_args(logits: Any, targets: Any) -> None:
     check_device("targets", targets, logits.device)
     if logits.shape[2] == 0 and targets.numel():
         raise ValueError("ddo_fast: `logits` has an empty vocabulary dimension")
+
+
+def check_targets_on_cpu(
+    route: str, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> None:
+    """Out-of-range targets on the C++ CPU path are caught here, before the kernel.
+
+    The kernel checks too, but a C++ exception thrown from the extension was seen to crash the
+    process under torch 2.11 (the GPU machine's build), so the public path never relies on it.
+    Triton paths flag bad targets inside the kernel and assert device-side.
+    """
+    if route == "dispatch" and logits.device.type == "cpu":
+        reference.assert_targets_in_range(targets, logits.shape[2], ignore_index)
 
 
 def interpreter_function(

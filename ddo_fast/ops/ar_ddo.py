@@ -14,28 +14,52 @@ import torch
 
 from .. import reference
 from .._backend import resolve_backend
-from ._common import check_batch_vector, check_loss_args, check_token_args, interpreter_function
+from ._common import (
+    check_batch_vector,
+    check_loss_args,
+    check_token_args,
+    interpreter_function,
+)
+from ._common import check_targets_on_cpu as _check_targets_on_cpu
 
 _FWD = "ddo_fast::ar_ddo_fwd"
 _BWD = "ddo_fast::ar_ddo_bwd"
 
 
 @torch.library.register_fake(_FWD)
-def _fwd_fake(logits, targets, ref_logprob, is_real, sample_weight, alpha, beta, ignore_index,
-              reduction):
+def _fwd_fake(
+    logits, targets, ref_logprob, is_real, sample_weight, alpha, beta, ignore_index, reduction
+):
     batch = logits.shape[0]
     f32 = dict(dtype=torch.float32, device=logits.device)
     if is_real is None:
         out = logits.new_empty((0,), **f32)
     else:
         out = logits.new_empty((batch,) if reduction == 0 else (), **f32)
-    return (out, logits.new_empty((batch,), **f32), logits.new_empty((2,), **f32),
-            logits.new_empty(logits.shape[:2], **f32))
+    return (
+        out,
+        logits.new_empty((batch,), **f32),
+        logits.new_empty((2,), **f32),
+        logits.new_empty(logits.shape[:2], **f32),
+    )
 
 
 @torch.library.register_fake(_BWD)
-def _bwd_fake(grad_out, grad_logratio, logits, targets, lse, logratio, is_real, sample_weight,
-              norm, alpha, beta, ignore_index, reduction):
+def _bwd_fake(
+    grad_out,
+    grad_logratio,
+    logits,
+    targets,
+    lse,
+    logratio,
+    is_real,
+    sample_weight,
+    norm,
+    alpha,
+    beta,
+    ignore_index,
+    reduction,
+):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -55,8 +79,18 @@ def _make_backward(bwd):
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_logratio is not None):
             if is_real is None:
                 grad_out = None
-            grad = bwd(grad_out, grad_logratio, logits, targets, lse, logratio, is_real,
-                       sample_weight, norm, *ctx.params)
+            grad = bwd(
+                grad_out,
+                grad_logratio,
+                logits,
+                targets,
+                lse,
+                logratio,
+                is_real,
+                sample_weight,
+                norm,
+                *ctx.params,
+            )
         return (grad,) + (None,) * 8
 
     return backward
@@ -111,6 +145,7 @@ def sequence_logprob(
     route = resolve_backend(backend, logits.device)
     if route == "torch":
         return reference.sequence_logprob_ref(logits, targets, ignore_index=ignore_index).float()
+    _check_targets_on_cpu(route, logits, targets, ignore_index)
     args = (logits, targets, None, None, None, 1.0, 1.0, int(ignore_index), 0)
     return _run(route, *args)[1]
 
@@ -147,10 +182,27 @@ def ar_ddo_loss(
     route = resolve_backend(backend, logits.device)
     if route == "torch":
         return reference.ar_ddo_loss_ref(
-            logits, targets, ref_logprob, is_real, alpha=alpha, beta=beta,
-            ignore_index=ignore_index, sample_weight=sample_weight, reduction=reduction,
+            logits,
+            targets,
+            ref_logprob,
+            is_real,
+            alpha=alpha,
+            beta=beta,
+            ignore_index=ignore_index,
+            sample_weight=sample_weight,
+            reduction=reduction,
         ).float()
+    _check_targets_on_cpu(route, logits, targets, ignore_index)
     sw = None if sample_weight is None else sample_weight.detach()
-    args = (logits, targets, ref_logprob.detach(), is_real, sw, float(alpha), float(beta),
-            int(ignore_index), code)
+    args = (
+        logits,
+        targets,
+        ref_logprob.detach(),
+        is_real,
+        sw,
+        float(alpha),
+        float(beta),
+        int(ignore_index),
+        code,
+    )
     return _run(route, *args)[0]

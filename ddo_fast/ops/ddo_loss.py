@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .._backend import resolve_backend
 from .. import reference
+from .._backend import resolve_backend
 from ._common import check_float, check_loss_args, interpreter_function
 
 _FWD = "ddo_fast::ddo_loss_fwd"
@@ -107,7 +107,11 @@ def ddo_loss(
     route = resolve_backend(backend, logratio.device)
     if route == "torch":
         return reference.ddo_loss_ref(
-            logratio, is_real, alpha=alpha, beta=beta, sample_weight=sample_weight,
+            logratio,
+            is_real,
+            alpha=alpha,
+            beta=beta,
+            sample_weight=sample_weight,
             reduction=reduction,
         )
     sw = None if sample_weight is None else sample_weight.detach()

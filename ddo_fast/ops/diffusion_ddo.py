@@ -39,8 +39,20 @@ def _fwd_fake(pred, pred_ref, target, weight, is_real, sample_weight, alpha, bet
 
 
 @torch.library.register_fake(_BWD)
-def _bwd_fake(grad_out, grad_logratio, pred, target, weight, logratio, is_real, sample_weight,
-              norm, alpha, beta, reduction):
+def _bwd_fake(
+    grad_out,
+    grad_logratio,
+    pred,
+    target,
+    weight,
+    logratio,
+    is_real,
+    sample_weight,
+    norm,
+    alpha,
+    beta,
+    reduction,
+):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
@@ -60,8 +72,18 @@ def _make_backward(bwd):
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_logratio is not None):
             if is_real is None:
                 grad_out = None
-            grad = bwd(grad_out, grad_logratio, pred, target, weight, logratio, is_real,
-                       sample_weight, norm, *ctx.params)
+            grad = bwd(
+                grad_out,
+                grad_logratio,
+                pred,
+                target,
+                weight,
+                logratio,
+                is_real,
+                sample_weight,
+                norm,
+                *ctx.params,
+            )
         return (grad,) + (None,) * 8
 
     return backward
@@ -90,7 +112,9 @@ def _interpreter_function() -> type[torch.autograd.Function]:
     from ..kernels import diffusion_ddo as kernels
 
     return interpreter_function(
-        "DiffusionDDOTritonInterpret", kernels.forward, _setup_context,
+        "DiffusionDDOTritonInterpret",
+        kernels.forward,
+        _setup_context,
         _make_backward(kernels.backward),
     )
 
@@ -168,10 +192,26 @@ def diffusion_ddo_loss(
     route = resolve_backend(backend, pred.device)
     if route == "torch":
         return reference.diffusion_ddo_loss_ref(
-            pred, pred_ref, target, weight, is_real, alpha=alpha, beta=beta,
-            sample_weight=sample_weight, reduction=reduction,
+            pred,
+            pred_ref,
+            target,
+            weight,
+            is_real,
+            alpha=alpha,
+            beta=beta,
+            sample_weight=sample_weight,
+            reduction=reduction,
         ).float()
     sw = None if sample_weight is None else sample_weight.detach()
-    args = (pred, pred_ref.detach(), target.detach(), weight.detach(), is_real, sw,
-            float(alpha), float(beta), code)
+    args = (
+        pred,
+        pred_ref.detach(),
+        target.detach(),
+        weight.detach(),
+        is_real,
+        sw,
+        float(alpha),
+        float(beta),
+        code,
+    )
     return _run(route, *args)[0]

@@ -12,6 +12,7 @@ import torch
 
 from .. import reference
 from .._backend import resolve_backend
+from ._common import check_targets_on_cpu as _check_targets_on_cpu
 from ._common import check_token_args, interpreter_function
 
 _FWD = "ddo_fast::token_logprobs_fwd"
@@ -21,8 +22,10 @@ _BWD = "ddo_fast::token_logprobs_bwd"
 @torch.library.register_fake(_FWD)
 def _fwd_fake(logits, targets, ignore_index):
     shape = logits.shape[:2]
-    return (logits.new_empty(shape, dtype=torch.float32),
-            logits.new_empty(shape, dtype=torch.float32))
+    return (
+        logits.new_empty(shape, dtype=torch.float32),
+        logits.new_empty(shape, dtype=torch.float32),
+    )
 
 
 @torch.library.register_fake(_BWD)
@@ -71,7 +74,9 @@ def _interpreter_function() -> type[torch.autograd.Function]:
     from ..kernels import token_logprobs as kernels
 
     return interpreter_function(
-        "TokenLogprobsTritonInterpret", kernels.forward, _setup_context,
+        "TokenLogprobsTritonInterpret",
+        kernels.forward,
+        _setup_context,
         _make_backward(kernels.backward),
     )
 
@@ -96,6 +101,7 @@ def token_logprobs(
     route = resolve_backend(backend, logits.device)
     if route == "torch":
         return reference.token_logprobs_ref(logits, targets, ignore_index=ignore_index).float()
+    _check_targets_on_cpu(route, logits, targets, ignore_index)
     args = (logits, targets, int(ignore_index))
     if route == "triton-interpret":
         return _interpreter_function().apply(*args)[0]
