@@ -69,7 +69,14 @@ def _extension():
 
 
 setup(
-    packages=["ddo_fast", "ddo_fast.ops", "ddo_fast.kernels"],
+    packages=[
+        "ddo_fast",
+        "ddo_fast.ops",
+        "ddo_fast.bench",
+        "ddo_fast.training",
+        "ddo_fast.examples",
+        "ddo_fast.kernels",
+    ],
     package_dir={"ddo_fast": "ddo_fast", "ddo_fast.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

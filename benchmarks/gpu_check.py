@@ -125,8 +125,7 @@ def _peak_extra_bytes(fn) -> int:
 def _cases():
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cases import ar_case, diffusion_case, token_case
+    from ddo_fast.bench.cases import ar_case, diffusion_case, token_case
 
     f32, bf16 = torch.float32, torch.bfloat16
     yield lambda: diffusion_case((64, 4, 64, 64), f32, "cuda")
@@ -144,8 +143,7 @@ def _bench(out: Path) -> list[dict]:
     import torch
     import triton
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cases import copy_bandwidth
+    from ddo_fast.bench.cases import copy_bandwidth
 
     timer = _timer()
     copy_gbs = copy_bandwidth("cuda", timer)

@@ -7,7 +7,10 @@ implicit discriminator ``r = log p_theta - log p_ref``:
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from . import _C  # noqa: F401  (loads the C++ library: operator schemas and CPU kernels)
+from . import (
+    _C,  # noqa: F401  (loads the C++ library: operator schemas and CPU kernels)
+    adapters,
+)
 from .loss import ARDDOLoss, DDOLoss, DiffusionDDOLoss
 from .ops import (
     ar_ddo_loss,
@@ -17,6 +20,7 @@ from .ops import (
     sequence_logprob,
     token_logprobs,
 )
+from .training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -24,11 +28,15 @@ __all__ = [
     "ARDDOLoss",
     "DDOLoss",
     "DiffusionDDOLoss",
+    "TrainConfig",
+    "TrainResult",
+    "adapters",
     "ar_ddo_loss",
     "ddo_loss",
     "diffusion_ddo_loss",
     "diffusion_logratio",
     "sequence_logprob",
     "token_logprobs",
+    "train",
     "__version__",
 ]

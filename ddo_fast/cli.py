@@ -42,6 +42,64 @@ def _loss_demo(out: Path) -> int:
     return 0
 
 
+PRESETS = {
+    "toy2d": "ddo_fast.examples.toy2d",
+    "digits-diffusion": "ddo_fast.examples.digits_diffusion",
+    "digits-ar": "ddo_fast.examples.digits_ar",
+}
+
+
+def _parse_overrides(rest: list[str]) -> dict[str, object]:
+    """``--key value`` pairs; values parsed as Python literals where they are one."""
+    import ast
+
+    out: dict[str, object] = {}
+    it = iter(rest)
+    for token in it:
+        if not token.startswith("--"):
+            raise SystemExit(f"ddo-fast train: expected --key value, got {token!r}")
+        key = token[2:].replace("-", "_")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+        else:
+            raw = next(it, None)
+            if raw is None:
+                raise SystemExit(f"ddo-fast train: --{key} needs a value")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def _run_preset(name: str, out: Path, rest: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(PRESETS[name])
+    print(f"ddo-fast: preset {name}, writing to {out}")
+    module.run(out, **_parse_overrides(rest))
+    print(f"ddo-fast: files in {out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import runner
+
+    out = _out_dir(args.out, "ddo-bench")
+    previous = json.loads(Path(args.compare).read_text()) if args.compare else None
+    result = runner.run(
+        quick=args.quick, device=args.device, rounds=args.rounds, memory=not args.no_memory
+    )
+    table = runner.format_table(result, previous)
+    print(table)
+    (out / "bench.txt").write_text(table + "\n")
+    for path in runner.write_outputs(result, out):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddo-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,9 +107,29 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", help="output folder (default: a new folder here)")
     losses = sub.add_parser("losses", help="the fused losses on one batch, per backend")
     losses.add_argument("--out", help="output folder (default: a new folder here)")
-    args = parser.parse_args(argv)
-    if args.command in ("demo", "losses"):
-        return _loss_demo(_out_dir(args.out, "ddo-" + args.command))
+    bench = sub.add_parser("bench", help="speed, memory and bandwidth vs eager and compile")
+    bench.add_argument("--quick", action="store_true", help="the small set (minutes on 2 CPUs)")
+    bench.add_argument("--out", help="output folder (default: a new folder here)")
+    bench.add_argument("--compare", help="a previous bench.json to compare against")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    bench.add_argument("--rounds", type=int, help="timed rounds per case (default 5 CPU, 50 GPU)")
+    bench.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    train = sub.add_parser("train", help="a preset DDO run: ddo-fast train --preset NAME")
+    train.add_argument("--preset", required=True, help="one of: " + ", ".join(PRESETS))
+    train.add_argument("--out", help="output folder (default: a new folder here)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "train" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "losses":
+        return _loss_demo(_out_dir(args.out, "ddo-losses"))
+    if args.command == "demo":
+        return _run_preset("toy2d", _out_dir(args.out, "ddo-demo"), [])
+    if args.command == "train":
+        if args.preset not in PRESETS:
+            parser.error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+        return _run_preset(args.preset, _out_dir(args.out, f"ddo-{args.preset}"), rest)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -162,7 +162,8 @@ def ar_ddo_loss(
     sample_weight: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str | None = None,
-) -> torch.Tensor:
+    return_logratio: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused autoregressive DDO loss with ``r_b = sequence_logprob(logits)_b - ref_logprob_b``.
 
     Args:
@@ -173,7 +174,7 @@ def ar_ddo_loss(
         is_real, alpha, beta, sample_weight, reduction: as in :func:`ddo_fast.ddo_loss`.
 
     Returns:
-        fp32 scalar, or [B] for ``reduction="none"``.
+        fp32 scalar, or [B] for ``reduction="none"``; with ``return_logratio`` also r [B].
     """
     check_token_args(logits, targets)
     batch = logits.shape[0]
@@ -181,17 +182,12 @@ def ar_ddo_loss(
     code = check_loss_args(is_real, sample_weight, batch, logits.device, reduction)
     route = resolve_backend(backend, logits.device)
     if route == "torch":
-        return reference.ar_ddo_loss_ref(
-            logits,
-            targets,
-            ref_logprob,
-            is_real,
-            alpha=alpha,
-            beta=beta,
-            ignore_index=ignore_index,
-            sample_weight=sample_weight,
-            reduction=reduction,
+        seq = reference.sequence_logprob_ref(logits, targets, ignore_index=ignore_index)
+        r = seq - ref_logprob.detach().to(seq.dtype)
+        loss = reference.ddo_loss_ref(
+            r, is_real, alpha=alpha, beta=beta, sample_weight=sample_weight, reduction=reduction
         ).float()
+        return (loss, r.float()) if return_logratio else loss
     _check_targets_on_cpu(route, logits, targets, ignore_index)
     sw = None if sample_weight is None else sample_weight.detach()
     args = (
@@ -205,4 +201,5 @@ def ar_ddo_loss(
         int(ignore_index),
         code,
     )
-    return _run(route, *args)[0]
+    out, r = _run(route, *args)[:2]
+    return (out, r) if return_logratio else out

@@ -180,28 +180,24 @@ def diffusion_ddo_loss(
     sample_weight: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str | None = None,
-) -> torch.Tensor:
+    return_logratio: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused diffusion DDO loss: ``ddo_loss(diffusion_logratio(...), is_real, ...)`` in one op.
 
     Forward reads pred, pred_ref and target once; backward reads pred and target once and writes
     ``d pred`` in ``pred.dtype``. Arguments as in :func:`diffusion_logratio` and
-    :func:`ddo_fast.ddo_loss`. Returns an fp32 scalar, or [B] for ``reduction="none"``.
+    :func:`ddo_fast.ddo_loss`. Returns an fp32 scalar, or [B] for ``reduction="none"``; with
+    ``return_logratio`` also r [B] fp32 (computed by the same pass; for monitoring).
     """
     batch = _check_diffusion(pred, pred_ref, target, weight)
     code = check_loss_args(is_real, sample_weight, batch, pred.device, reduction)
     route = resolve_backend(backend, pred.device)
     if route == "torch":
-        return reference.diffusion_ddo_loss_ref(
-            pred,
-            pred_ref,
-            target,
-            weight,
-            is_real,
-            alpha=alpha,
-            beta=beta,
-            sample_weight=sample_weight,
-            reduction=reduction,
+        r = reference.diffusion_logratio_ref(pred, pred_ref, target, weight)
+        loss = reference.ddo_loss_ref(
+            r, is_real, alpha=alpha, beta=beta, sample_weight=sample_weight, reduction=reduction
         ).float()
+        return (loss, r.float()) if return_logratio else loss
     sw = None if sample_weight is None else sample_weight.detach()
     args = (
         pred,
@@ -214,4 +210,5 @@ def diffusion_ddo_loss(
         float(beta),
         code,
     )
-    return _run(route, *args)[0]
+    out, r, _ = _run(route, *args)
+    return (out, r) if return_logratio else out

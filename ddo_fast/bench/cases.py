@@ -1,4 +1,4 @@
-"""Benchmark cases shared by the pytest-benchmark files, ``ddo-fast bench`` and gpu_check.py.
+"""Benchmark cases shared by ``ddo-fast bench``, benchmarks/bench_*.py and gpu_check.py.
 
 A case builds its inputs once and exposes one forward+backward callable per provider:
 ``eager`` (the obvious PyTorch a user would write, fp32 math), ``compile`` (torch.compile of that
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import ddo_fast
-from ddo_fast import reference as R
+from .. import ops as ddo_fast
+from .. import reference as R
 
 ALPHA, BETA_DIFFUSION, BETA_AR = 1.0, 0.02, 0.02
 

@@ -1,0 +1,1 @@
+"""Benchmark suite: cases (inputs + providers) and the ``ddo-fast bench`` runner."""

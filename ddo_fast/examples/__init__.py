@@ -1,0 +1,1 @@
+"""Ready-made runs behind ``ddo-fast demo`` and ``ddo-fast train --preset NAME``."""
