@@ -54,7 +54,10 @@ class LossOutput:
 
 
 class Adapter:
-    """Interface of an adapter (see module docstring)."""
+    """Interface of an adapter (see module docstring). Every adapter has a ``backend`` field
+    (None = ``$DDO_FAST_BACKEND`` / auto) passed to the loss functions."""
+
+    backend: str | None = None
 
     def draw(
         self, batch: int, sample_shape: tuple[int, ...], generator: torch.Generator
@@ -109,6 +112,7 @@ class EDMDenoiser(Adapter):
     sigma_max: float = 80.0
     rho: float = 7.0
     sample_batch: int = 4096
+    backend: str | None = None
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return edm_weight(sigma, self.sigma_data)
@@ -138,6 +142,7 @@ class EDMDenoiser(Adapter):
             alpha=alpha,
             beta=beta,
             return_logratio=True,
+            backend=self.backend,
         )
         return LossOutput(loss, r.detach())
 
@@ -198,6 +203,7 @@ class EpsilonDiffusion(Adapter):
     alphas_cumprod: torch.Tensor | None = None
     steps: int = 50
     sample_batch: int = 1024
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.alphas_cumprod is None:  # DDPM's linear beta schedule, T = 1000
@@ -232,6 +238,7 @@ class EpsilonDiffusion(Adapter):
             alpha=alpha,
             beta=beta,
             return_logratio=True,
+            backend=self.backend,
         )
         return LossOutput(loss, r.detach())
 
@@ -278,6 +285,7 @@ class CausalAR(Adapter):
     normalize_alpha: bool = False
     temperature: float = 1.0
     sample_batch: int = 1024
+    backend: str | None = None
 
     def draw(self, batch, sample_shape, generator):
         return {"uncond": torch.rand(batch, generator=generator) < self.uncond_ratio}
@@ -294,7 +302,7 @@ class CausalAR(Adapter):
             weight[:batch] = torch.where(uncond[:batch], max(alpha, 1.0), 1.0)
             weight[batch:] = torch.where(uncond[batch:], 0.0, 1.0)
         with torch.no_grad():
-            ref_lp = sequence_logprob(ref(tokens, labels), tokens)
+            ref_lp = sequence_logprob(ref(tokens, labels), tokens, backend=self.backend)
         logits = model(tokens, labels)
         loss, r = ar_ddo_loss(
             logits,
@@ -305,6 +313,7 @@ class CausalAR(Adapter):
             beta=beta,
             sample_weight=weight,
             return_logratio=True,
+            backend=self.backend,
         )
         if self.normalize_alpha:
             loss = loss / max(alpha, 1.0)

@@ -11,6 +11,7 @@ child process that builds the inputs, resets its peak via /proc/self/clear_refs 
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import platform
@@ -85,40 +86,52 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_child(kind: str, shape: tuple[int, ...], dtype: str, provider: str) -> None:
-    """Run in a child process: print the peak extra RSS of one step of one provider."""
-    case = MAKERS[kind](shape, getattr(torch, dtype), "cpu", providers=(provider,))
-    step = case.providers[provider]
-    step()  # compile, first-touch of the inputs, lazy initialisation
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    base = _rss_bytes("VmRSS")
-    step()
-    print(_rss_bytes("VmHWM") - base)
+def peak_child(kind: str, shape: tuple[int, ...], dtype: str, providers: tuple[str, ...]) -> None:
+    """Run in a child process: print each provider's peak extra RSS of one step, one per line.
 
-
-def _peak_extra(case: C.Case, kind: str, provider: str) -> float:
-    """Peak extra memory of one step in MiB (NaN when it cannot be measured here)."""
-    if case.device == "cuda":
-        step = case.providers[provider]
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    The inputs are built once; before each provider's measured step, a warm-up step (compile,
+    first touch, lazy initialisation) runs and the peak is reset via /proc/self/clear_refs.
+    """
+    case = MAKERS[kind](shape, getattr(torch, dtype), "cpu", providers=providers)
+    for name in providers:
+        step = case.providers[name]
         step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if not os.path.exists("/proc/self/clear_refs"):
-        return float("nan")
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        base = _rss_bytes("VmRSS")
+        step()
+        print(name, _rss_bytes("VmHWM") - base, flush=True)
+
+
+def _peak_extra(case: C.Case, kind: str, providers: list[str]) -> dict[str, float]:
+    """Peak extra memory of one step per provider, in MiB (NaN where it cannot be measured)."""
+    nan = float("nan")
+    if case.device == "cuda":
+        out = {}
+        for name in providers:
+            step = case.providers[name]
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            out[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return out
+    if not os.path.exists("/proc/self/clear_refs") or not providers:
+        return dict.fromkeys(providers, nan)
     dtype = str(case.dtype).removeprefix("torch.")
     code = (
         "from ddo_fast.bench.runner import peak_child; "
-        f"peak_child({kind!r}, {tuple(case.shape)!r}, {dtype!r}, {provider!r})"
+        f"peak_child({kind!r}, {tuple(case.shape)!r}, {dtype!r}, {tuple(providers)!r})"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    try:
-        return int(proc.stdout.strip().splitlines()[-1]) / 2**20
-    except (ValueError, IndexError):
-        return float("nan")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    out = dict.fromkeys(providers, nan)
+    for line in proc.stdout.splitlines():
+        name, _, value = line.partition(" ")
+        if name in out and value.strip().isdigit():
+            out[name] = int(value) / 2**20
+    return out
 
 
 def machine_info(device: str) -> dict:
@@ -171,6 +184,10 @@ def run(
     for kind, shape, dtype in QUICK if quick else FULL:
         case = MAKERS[kind](shape, dtype, device)
         medians = {}
+        # On CPU, memory is measured in one child per case; --quick leaves torch.compile out of
+        # it (its compile in the child would dominate the run).
+        mem_providers = [p for p in case.providers if not (quick and p == "compile")]
+        peaks = _peak_extra(case, kind, mem_providers) if memory else {}
         for name, step in case.providers.items():
             q1, med, q3 = _quantiles(timer(step))
             medians[name] = med
@@ -188,7 +205,7 @@ def run(
                 "min_MB": case.min_bytes / 2**20,
             }
             if memory:
-                row["peak_extra_MB"] = _peak_extra(case, kind, name)
+                row["peak_extra_MB"] = peaks.get(name, float("nan"))
             rows.append(row)
             log(f"  {case.name:36} {name:14} {med * 1e3:9.2f} ms")
         for row in rows:

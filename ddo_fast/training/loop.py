@@ -187,6 +187,11 @@ def train(
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "ddo_fast.train: the model has no parameter with requires_grad=True; "
+            "call model.requires_grad_(True) on the parts to fine-tune"
+        )
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(

@@ -1,0 +1,89 @@
+"""The digits presets (toy size, end to end) and the Frechet distance they report."""
+
+import numpy as np
+import pytest
+import torch
+
+from ddo_fast.examples import digits, digits_ar, digits_diffusion
+
+
+def test_gaussian_frechet_commuting_closed_form():
+    """Diagonal covariances: FD = |mu1 - mu2|^2 + sum (s1 - s2)^2 with s the std devs."""
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, -1.0])
+    s1, s2 = np.array([1.0, 2.0, 0.5]), np.array([3.0, 1.0, 0.5])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2)
+    got = digits.gaussian_frechet(mu1, np.diag(s1**2), mu2, np.diag(s2**2))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_gaussian_frechet_general_covariances():
+    """Tr((S1^1/2 S2 S1^1/2)^1/2) = sum of sqrt(eig(S1 S2)): an independent route."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    s1, s2 = a @ a.T + 0.1 * np.eye(4), b @ b.T + 0.1 * np.eye(4)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    cross = np.sum(np.sqrt(np.linalg.eigvals(s1 @ s2).real))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross
+    assert digits.gaussian_frechet(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert digits.gaussian_frechet(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_from_samples_converges():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.0, 1.0, size=(200_000, 2))
+    b = rng.normal(1.0, 2.0, size=(200_000, 2))
+    assert digits.frechet_distance(a, b) == pytest.approx(2 * 1.0 + 2 * 1.0, rel=0.02)
+
+
+def test_digits_diffusion_preset_runs_end_to_end(tmp_path):
+    res = digits_diffusion.run(
+        tmp_path,
+        pretrain_steps=30,
+        sample_steps=3,
+        plot=True,
+        steps_per_round=3,
+        fake_samples_per_round=128,
+        batch_size=64,
+        eval_every=0,
+    )
+    assert np.isfinite(res["after"]["fd"]) and (tmp_path / "ddo" / "results.md").exists()
+    assert (tmp_path / "ddo" / "samples.png").exists() and len(res["rounds"]) == 1
+
+
+def test_digits_ar_preset_runs_end_to_end(tmp_path):
+    res = digits_ar.run(
+        tmp_path,
+        pretrain_steps=20,
+        dim=16,
+        layers=1,
+        plot=False,
+        steps_per_round=3,
+        fake_samples_per_round=128,
+        batch_size=64,
+        eval_every=0,
+    )
+    assert np.isfinite(res["after"]["fd"]) and (tmp_path / "ddo" / "results.md").exists()
+    tokens = digits_ar.quantise(torch.tensor([[0.0, 8.0, 16.0]]), 8)
+    assert tokens.tolist() == [[0, 4, 7]]
+    assert digits_ar.dequantise(tokens, 8).tolist() == pytest.approx([[-1.0, 1 / 7, 1.0]])
+
+
+def test_transformer_kv_cache_matches_the_full_forward():
+    from ddo_fast.examples.models import CausalTransformer
+
+    torch.manual_seed(0)
+    m = CausalTransformer(8, 12, 10, dim=32, layers=2).eval()
+    labels = torch.arange(6) % 10
+    tokens = m.sample(6, labels, torch.Generator().manual_seed(0))
+    assert tokens.shape == (6, 12) and int(tokens.max()) < 8
+    full = m(tokens, labels)
+    caches = [{k: torch.empty(6, b.heads, 12, 32 // b.heads) for k in ("k", "v")}
+              for b in m.blocks]
+    x = (m.cls(labels) + m.pos[0])[:, None]
+    for i in range(12):
+        h = x
+        for block, cache in zip(m.blocks, caches, strict=True):
+            h = block.step(h, cache, i)
+        torch.testing.assert_close(m.head(m.ln(h))[:, 0], full[:, i], rtol=1e-5, atol=1e-5)
+        if i + 1 < 12:
+            x = (m.tok(tokens[:, i]) + m.pos[i + 1])[:, None]
