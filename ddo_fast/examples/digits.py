@@ -35,6 +35,27 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.long)
 
 
+def load_scaled() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels in [0, 16], the same scaled to [-1, 1], labels)."""
+    pixels, y = load_digits_tensors()
+    return pixels, pixels / 8.0 - 1.0, y
+
+
+def cached_pretrain(
+    path: Path, model: nn.Module, fit: Callable[[nn.Module], nn.Module]
+) -> nn.Module:
+    """Load ``path`` into ``model`` if it exists, else ``fit(model)`` and save it there."""
+    t0 = time.time()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        print(f"pre-trained model loaded from {path}")
+    else:
+        model = fit(model)
+        torch.save(model.state_dict(), path)
+        print(f"pre-trained in {time.time() - t0:.0f}s -> {path}")
+    return model.eval()
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FD between Gaussians fitted to rows of a and b:
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64 via eigh."""

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .. import adapters as A
 from ..training import TrainConfig
 from ..training.data import generator
-from .digits import Evaluator, load_digits_tensors, run_ddo, train_classifier
+from ..training.loop import update_ema
+from .digits import Evaluator, cached_pretrain, load_scaled, run_ddo, train_classifier
 from .models import CausalTransformer
 
 
@@ -58,9 +59,7 @@ def pretrain(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1e-3)
+        update_ema(ema, model, 0.999)
         if step % 1000 == 0 or step == steps - 1:
             print(f"  pretrain step {step}: {loss.item():.3f} nats/token")
     return ema.eval().requires_grad_(True)
@@ -81,21 +80,15 @@ def run(
 ) -> dict:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    pixels, y = load_digits_tensors()
-    x = pixels / 8.0 - 1.0
+    pixels, x, y = load_scaled()
     tokens = quantise(pixels, levels)
     clf = train_classifier(x, y, out, seed)
-    cache = out / f"pretrained-ar-{levels}-{dim}-{layers}-{pretrain_steps}-{seed}.pt"
     torch.manual_seed(seed)
-    model = CausalTransformer(levels, 64, 10, dim=dim, layers=layers)
-    if cache.exists():
-        model.load_state_dict(torch.load(cache, weights_only=True))
-        print(f"pre-trained model loaded from {cache}")
-    else:
-        model = pretrain(model, tokens, y, pretrain_steps, seed)
-        torch.save(model.state_dict(), cache)
-        print(f"pre-trained {pretrain_steps} steps in {time.time() - t0:.0f}s -> {cache}")
-    model.eval()
+    model = cached_pretrain(
+        out / f"pretrained-ar-{levels}-{dim}-{layers}-{pretrain_steps}-{seed}.pt",
+        CausalTransformer(levels, 64, 10, dim=dim, layers=layers),
+        lambda m: pretrain(m, tokens, y, pretrain_steps, seed),
+    )
     adapter = A.CausalAR(seq_len=64)
 
     def generate(m, labels, g):

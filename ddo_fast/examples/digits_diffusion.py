@@ -17,7 +17,8 @@ import torch
 from .. import adapters as A
 from ..training import TrainConfig
 from ..training.data import generator
-from .digits import Evaluator, load_digits_tensors, run_ddo, train_classifier
+from ..training.loop import update_ema
+from .digits import Evaluator, cached_pretrain, load_scaled, run_ddo, train_classifier
 from .models import EDMPrecond, MLPDenoiser
 
 
@@ -51,9 +52,7 @@ def pretrain(
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
         opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1e-3)
+        update_ema(ema, model, 0.999)
     return ema.eval().requires_grad_(True)
 
 
@@ -70,23 +69,17 @@ def run(
 ) -> dict:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    pixels, y = load_digits_tensors()
-    x = pixels / 8.0 - 1.0
+    _, x, y = load_scaled()
     clf = train_classifier(x, y, out, seed)
     adapter = A.EDMDenoiser(
         sigma_data=0.5, P_mean=-1.2, P_std=1.2, steps=sample_steps, sample_batch=2048
     )
-    cache = out / f"pretrained-diffusion-{pretrain_steps}-{seed}.pt"
     torch.manual_seed(seed)
-    model = make_model()
-    if cache.exists():
-        model.load_state_dict(torch.load(cache, weights_only=True))
-        print(f"pre-trained model loaded from {cache}")
-    else:
-        model = pretrain(model, adapter, x, y, pretrain_steps, seed)
-        torch.save(model.state_dict(), cache)
-        print(f"pre-trained {pretrain_steps} steps in {time.time() - t0:.0f}s -> {cache}")
-    model.eval()
+    model = cached_pretrain(
+        out / f"pretrained-diffusion-{pretrain_steps}-{seed}.pt",
+        make_model(),
+        lambda m: pretrain(m, adapter, x, y, pretrain_steps, seed),
+    )
 
     def generate(m, labels, g):
         return adapter.sample(m, len(labels), labels, g, torch.device("cpu"), (64,))

@@ -140,8 +140,8 @@ def run(
     data = sample_data(100_000, generator(seed, "data"))
     cfg = TrainConfig(
         alpha=1.0,
-        beta=1.0,
-        lr=1e-4,
+        beta=2.0,
+        lr=3e-4,
         batch_size=512,
         steps_per_round=steps_per_round,
         rounds=rounds,

@@ -86,6 +86,15 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
 def _score(result: float | dict[str, float]) -> dict[str, float]:
     return {"eval": float(result)} if isinstance(result, (int, float)) else dict(result)
 
@@ -375,11 +384,7 @@ def train(
             else:
                 opt.step()
                 if ema is not None:
-                    with torch.no_grad():
-                        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                            e.lerp_(p, 1.0 - cfg.ema)
-                        for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-                            e.copy_(b)
+                    update_ema(ema, model, cfg.ema)
             global_step += 1
             step_in_round += 1
             r = res.logratio.float()
@@ -459,4 +464,4 @@ def train(
     return result
 
 
-__all__ = ["TrainResult", "train", "weights_digest"]
+__all__ = ["TrainResult", "train", "update_ema", "weights_digest"]
