@@ -8,6 +8,7 @@ from the saved logsumexp, so no [B, L, V] tensor besides the input is kept.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -115,6 +116,7 @@ def _bwd_cuda(*args):
     return kernels.backward(*args)
 
 
+@functools.cache  # one Function class per process, built on first use
 def _interpreter_function() -> type[torch.autograd.Function]:
     from ..kernels import ar_ddo as kernels
 

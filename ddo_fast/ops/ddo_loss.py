@@ -6,6 +6,7 @@ samples drawn from the reference model; reduced per group (see ``ddo_fast.refere
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ def _bwd_cuda(*args):
     return kernels.backward(*args)
 
 
+@functools.cache  # one Function class per process, built on first use
 def _interpreter_function() -> type[torch.autograd.Function]:
     from ..kernels import ddo_loss as kernels
 

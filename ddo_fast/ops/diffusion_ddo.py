@@ -9,6 +9,7 @@ is D_ref on the same noisy input, ``target`` is the clean x. Only ``pred`` gets 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -108,6 +109,7 @@ def _bwd_cuda(*args):
     return kernels.backward(*args)
 
 
+@functools.cache  # one Function class per process, built on first use
 def _interpreter_function() -> type[torch.autograd.Function]:
     from ..kernels import diffusion_ddo as kernels
 

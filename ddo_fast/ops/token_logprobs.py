@@ -6,6 +6,7 @@ Forward keeps only logsumexp [B, L]; backward recomputes softmax from it and wri
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -70,6 +71,7 @@ def _bwd_cuda(*args):
     return kernels.backward(*args)
 
 
+@functools.cache  # one Function class per process, built on first use
 def _interpreter_function() -> type[torch.autograd.Function]:
     from ..kernels import token_logprobs as kernels
 
