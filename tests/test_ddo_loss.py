@@ -63,3 +63,37 @@ def test_fp64_and_bf16_logratio(backend_device):
         assert out.dtype == torch.float32
         out.backward()
         assert r.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_noncontiguous_low_precision_logratio(backend_device, dtype):
+    """A strided [B] view in fp16/bf16: same loss and gradient as the fp64 reference."""
+    backend, device = backend_device
+    wide = (torch.randn(2 * 9, device=device) * 5).to(dtype)
+    r = wide[::2].detach().requires_grad_()
+    assert not r.is_contiguous()
+    is_real = rand_mask(9, device)
+    out = ddo_fast.ddo_loss(r, is_real, alpha=2.0, beta=0.3, reduction="none", backend=backend)
+    r64 = r.detach().double().requires_grad_()
+    expected = R.ddo_loss_ref(r64, is_real, alpha=2.0, beta=0.3, reduction="none")
+    assert_close_scaled(out, expected, rtol=1e-5, atol_frac=1e-6)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, r, g)
+    (grad64,) = torch.autograd.grad(expected, r64, g.double())
+    assert grad.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert_close_scaled(grad, grad64, rtol=tol, atol_frac=tol)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_bad_ddo_loss_inputs(backend):
+    is_real = torch.tensor([True, False])
+    with pytest.raises(ValueError, match="logratio"):
+        ddo_fast.ddo_loss(torch.zeros(2, 1), is_real, backend=backend)
+    with pytest.raises(TypeError, match="logratio"):
+        ddo_fast.ddo_loss(torch.zeros(2, dtype=torch.long), is_real, backend=backend)
+    with pytest.raises(ValueError, match="is_real"):
+        ddo_fast.ddo_loss(torch.zeros(3), is_real, backend=backend)
+    with pytest.raises(ValueError, match="sample_weight"):
+        ddo_fast.ddo_loss(torch.zeros(2), is_real, sample_weight=torch.ones(3), backend=backend)
