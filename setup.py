@@ -12,7 +12,7 @@ import glob
 import os
 import platform
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -59,7 +59,14 @@ def _extension():
     cxx = _cpu_flags()
     if os.environ.get("DDO_FAST_DEBUG") == "1":
         cxx = ["-O0", "-g", "-fopenmp"]
-    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    link = ["-fopenmp"]
+    if platform.system() == "Linux":
+        # Link the shared libstdc++ that torch has already loaded. A toolchain that ships only a
+        # static libstdc++.a (the GPU machine's /opt/gcc g++) would otherwise put a private copy
+        # into _C.so; formatting a number in a TORCH_CHECK message then reads the other copy's
+        # locale data and segfaults (seen under torch 2.11 there), or truncates the message.
+        link.append("-l:libstdc++.so.6")
+    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if _want_cuda():
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -69,14 +76,9 @@ def _extension():
 
 
 setup(
-    packages=[
-        "ddo_fast",
-        "ddo_fast.ops",
-        "ddo_fast.bench",
-        "ddo_fast.training",
-        "ddo_fast.examples",
-        "ddo_fast.kernels",
-    ],
+    # Every subpackage of ddo_fast/, plus the top-level kernels/ folder mapped to
+    # ddo_fast.kernels (the layout keeps the Triton kernels beside csrc/; see kernels/__init__.py).
+    packages=find_packages(include=["ddo_fast", "ddo_fast.*"]) + ["ddo_fast.kernels"],
     package_dir={"ddo_fast": "ddo_fast", "ddo_fast.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

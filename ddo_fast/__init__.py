@@ -10,16 +10,10 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 from . import (
     _C,  # noqa: F401  (loads the C++ library: operator schemas and CPU kernels)
     adapters,
+    ops,
 )
-from .loss import ARDDOLoss, DDOLoss, DiffusionDDOLoss
-from .ops import (
-    ar_ddo_loss,
-    ddo_loss,
-    diffusion_ddo_loss,
-    diffusion_logratio,
-    sequence_logprob,
-    token_logprobs,
-)
+from .loss import ARDDOLoss, DDOLoss, DiffusionDDOLoss, FusedLinearARDDOLoss
+from .ops import *  # noqa: F403  (the public functions: exactly ddo_fast.ops.__all__)
 from .training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
@@ -28,15 +22,11 @@ __all__ = [
     "ARDDOLoss",
     "DDOLoss",
     "DiffusionDDOLoss",
+    "FusedLinearARDDOLoss",
     "TrainConfig",
     "TrainResult",
     "adapters",
-    "ar_ddo_loss",
-    "ddo_loss",
-    "diffusion_ddo_loss",
-    "diffusion_logratio",
-    "sequence_logprob",
-    "token_logprobs",
     "train",
     "__version__",
 ]
+__all__ += ops.__all__  # the public functions, listed once in ddo_fast/ops/__init__.py

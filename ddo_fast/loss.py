@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import ar_ddo_loss, ddo_loss, diffusion_ddo_loss
-from .ops._common import reduction_code
+from ._reduction import Reduction
+from .ops import ar_ddo_loss, ddo_loss, diffusion_ddo_loss, fused_linear_ar_ddo_loss
 
 
 class _DDOSettings(nn.Module):
@@ -23,9 +23,18 @@ class _DDOSettings(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        reduction_code(reduction)  # fail at construction, not at the first step
+        Reduction.parse(reduction)  # fail at construction, not at the first step
         self.alpha, self.beta = float(alpha), float(beta)
         self.reduction, self.backend = reduction, backend
+
+    def _options(self) -> dict:
+        """The keyword arguments every loss function takes, read from the current settings."""
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "reduction": self.reduction,
+            "backend": self.backend,
+        }
 
     def extra_repr(self) -> str:
         return (
@@ -43,15 +52,7 @@ class DDOLoss(_DDOSettings):
         is_real: torch.Tensor,
         sample_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return ddo_loss(
-            logratio,
-            is_real,
-            alpha=self.alpha,
-            beta=self.beta,
-            sample_weight=sample_weight,
-            reduction=self.reduction,
-            backend=self.backend,
-        )
+        return ddo_loss(logratio, is_real, sample_weight=sample_weight, **self._options())
 
 
 class DiffusionDDOLoss(_DDOSettings):
@@ -68,16 +69,7 @@ class DiffusionDDOLoss(_DDOSettings):
         sample_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return diffusion_ddo_loss(
-            pred,
-            pred_ref,
-            target,
-            weight,
-            is_real,
-            alpha=self.alpha,
-            beta=self.beta,
-            sample_weight=sample_weight,
-            reduction=self.reduction,
-            backend=self.backend,
+            pred, pred_ref, target, weight, is_real, sample_weight=sample_weight, **self._options()
         )
 
 
@@ -109,10 +101,50 @@ class ARDDOLoss(_DDOSettings):
             targets,
             ref_logprob,
             is_real,
-            alpha=self.alpha,
-            beta=self.beta,
             ignore_index=self.ignore_index,
             sample_weight=sample_weight,
-            reduction=self.reduction,
-            backend=self.backend,
+            **self._options(),
+        )
+
+
+class FusedLinearARDDOLoss(ARDDOLoss):
+    """``forward(hidden, weight, targets, ref_logprob, is_real, bias=None, sample_weight=None,
+    seq_ids=None)`` -> :func:`ddo_fast.fused_linear_ar_ddo_loss` (the head's matmul fused in, no
+    [B, L, V] logits); ``chunk_size`` None = from the memory budget."""
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        reduction: str = "mean",
+        backend: str | None = None,
+        ignore_index: int = -100,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(alpha, beta, reduction, backend, ignore_index)
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ref_logprob: torch.Tensor,
+        is_real: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_ar_ddo_loss(
+            hidden,
+            weight,
+            targets,
+            ref_logprob,
+            is_real,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            sample_weight=sample_weight,
+            seq_ids=seq_ids,
+            chunk_size=self.chunk_size,
+            **self._options(),
         )

@@ -1,10 +1,11 @@
 """Fused autoregressive DDO loss in Triton.
 
-forward  (2 launches + a device-side assert): the token row kernel writes logp [B, L] and
-         logsumexp [B, L]; ``loss_epilogue_kernel`` sums each sequence, subtracts ref_logprob and
-         evaluates the loss head, and flags any out-of-range target (+inf logp) for the assert.
+forward  (2 launches + a device-side assert): the token row kernel writes logp [B, L] and the
+         softmax statistics stats [2, B, L]; ``loss_head_kernel`` sums each sequence, subtracts
+         ref_logprob (read in its own dtype) and evaluates the loss head, and flags any
+         out-of-range target (+inf logp) for the assert.
 backward (1 launch): the row gradient kernel with the per-sequence coefficient
-         k_b = d total / d r_b computed in-kernel (``upstream_coef``), so a per-sample upstream
+         k_b = d total / d r_b computed in-kernel (``loss_head_coef``), so a per-sample upstream
          gradient (reduction="none") is exact.
 """
 
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .ddo_loss import as_flags, coef_args, empty_batch_outputs, run_epilogue
 from .launch import vector
-from .token_logprobs import prepare, row_backward, row_forward
+from .loss_head import as_flags, coef_args, empty_batch_outputs, run_loss_head
+from .token_logprobs import assert_targets, prepare, row_backward, row_forward
 
 
 def forward(
@@ -22,15 +23,13 @@ def forward(
 ):
     batch, length, vocab = logits.shape
     if batch == 0:
-        out, logratio, norm = empty_batch_outputs(logits.device, is_real is not None, reduction)
-        return (
-            out,
-            logratio,
-            norm,
-            torch.empty(0, length, dtype=torch.float32, device=logits.device),
+        out, logratio, group_scale = empty_batch_outputs(
+            logits.device, is_real is not None, reduction
         )
-    logp, lse = row_forward(logits, targets, ignore_index)
-    out, logratio, norm, ok = run_epilogue(
+        stats = torch.empty(2, 0, length, dtype=torch.float32, device=logits.device)
+        return out, logratio, group_scale, stats
+    logp, stats = row_forward(logits, targets, ignore_index)
+    out, logratio, group_scale, ok = run_loss_head(
         logp,
         offset=ref_logprob,
         is_real=is_real,
@@ -40,12 +39,8 @@ def forward(
         reduction=reduction,
         check=True,
     )
-    torch._assert_async(
-        ok,
-        f"ddo_fast: `targets` holds a value outside the vocabulary [0, {vocab}) that is not "
-        f"ignore_index={ignore_index}",
-    )
-    return out, logratio, norm, lse
+    assert_targets(ok, vocab, ignore_index)
+    return out, logratio, group_scale, stats
 
 
 def backward(
@@ -53,11 +48,11 @@ def backward(
     grad_logratio,
     logits,
     targets,
-    lse,
+    stats,
     logratio,
     is_real,
     sample_weight,
-    norm,
+    group_scale,
     alpha,
     beta,
     ignore_index,
@@ -68,7 +63,7 @@ def backward(
         r_ptr=logratio,
         real_ptr=as_flags(is_real),
         sw_ptr=vector(sample_weight),
-        norm_ptr=norm,
+        group_scale_ptr=group_scale,
         gout_ptr=gout,
         gout_stride=gstride,
         gr_ptr=vector(grad_logratio),
@@ -79,4 +74,4 @@ def backward(
         HAS_GR=grad_logratio is not None,
     )
     x, y = prepare(logits, targets)
-    return row_backward(x, y, lse, ignore_index, coef_kwargs=coef)
+    return row_backward(x, y, stats, ignore_index, coef_kwargs=coef)

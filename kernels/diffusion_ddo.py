@@ -1,13 +1,14 @@
 """Fused diffusion DDO loss in Triton.
 
-forward  (2 launches): ``partial_kernel`` reads pred, pred_ref, target once (any float dtype,
-         upcast in registers) and writes sum_{chunk} (pred-t)^2 - (pred_ref-t)^2 for every
-         (sample, D-chunk); ``loss_epilogue_kernel`` folds the chunks into
-         r_b = -weight_b * sum and evaluates the loss head. The D-split makes the grid fill the
-         GPU for few large samples (B=8, D=65536) and for many small ones (B=512, D=3072).
+forward  (2 launches): ``partial_kernel`` reads pred, pred_ref, target once, each in its own
+         float dtype (upcast to fp32 in registers, so a bf16 pred next to an fp32 target loses
+         nothing), and writes sum_{chunk} (pred-t)^2 - (pred_ref-t)^2 for every (sample, D-part);
+         ``loss_head_kernel`` folds the parts into r_b = -weight_b * sum and evaluates the loss
+         head. The D-split makes the grid fill the GPU for few large samples (B=8, D=65536) and
+         for many small ones (B=512, D=3072).
 backward (1 launch): ``grad_kernel`` reads pred and target once and writes
          d pred = -2 weight_b k_b (pred - target) in pred's dtype, where k_b = d total / d r_b is
-         computed in-kernel from the saved r (``upstream_coef``). No full-size temporaries.
+         computed in-kernel from the saved r (``loss_head_coef``). No full-size temporaries.
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .ddo_loss import as_flags, coef_args, empty_batch_outputs, run_epilogue, upstream_coef
-from .launch import INTERPRET, next_pow2, rows_2d, target_programs, vector
+from .launch import TRITON_INTERPRET, next_pow2, rows_2d, target_programs, vector
+from .loss_head import as_flags, coef_args, empty_batch_outputs, loss_head_coef, run_loss_head
+from .rounding import cast_for_store
 
 # Elements per loop step: 1024 fp32 over 4 warps is two 16-byte loads per thread per tensor.
 BLOCK_GPU, WARPS_GPU = 1024, 4
+
+# Test hook: when set, every launch splits D into this many parts (as far as D allows) whatever
+# the device. The interpreter otherwise always runs one part per sample, so the multi-part
+# reduction of the GPU grid (and the > 1024-part loop of loss_head_kernel) would go untested.
+FORCE_PARTS: int | None = None
 
 
 @triton.jit
@@ -66,7 +73,7 @@ def grad_kernel(
     r_ptr,
     real_ptr,
     sw_ptr,
-    norm_ptr,
+    group_scale_ptr,
     gout_ptr,
     gout_stride,
     gr_ptr,
@@ -79,13 +86,13 @@ def grad_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1).to(tl.int64) * chunk
-    k = upstream_coef(
+    k = loss_head_coef(
         b,
         True,
         r_ptr,
         real_ptr,
         sw_ptr,
-        norm_ptr,
+        group_scale_ptr,
         gout_ptr,
         gout_stride,
         gr_ptr,
@@ -102,12 +109,17 @@ def grad_kernel(
         p = tl.load(pred_ptr + b * stride_p + idx, mask=m, other=0.0).to(tl.float32)
         t = tl.load(tgt_ptr + b * stride_t + idx, mask=m, other=0.0).to(tl.float32)
         g = coef * (p - t)
-        tl.store(grad_ptr + b * D + idx, g.to(grad_ptr.dtype.element_ty), mask=m)
+        tl.store(grad_ptr + b * D + idx, cast_for_store(g, grad_ptr), mask=m)
 
 
 def _split(batch: int, dim: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK, chunk, n_parts): each program reduces `chunk` elements of one sample."""
-    if INTERPRET or device.type != "cuda":
+    if FORCE_PARTS is not None:
+        block = max(16, min(next_pow2(triton.cdiv(dim, FORCE_PARTS)), 4096))
+        blocks = triton.cdiv(dim, block)
+        chunk = triton.cdiv(blocks, min(FORCE_PARTS, blocks)) * block
+        return block, chunk, triton.cdiv(dim, chunk)
+    if TRITON_INTERPRET or device.type != "cuda":
         block = max(16, min(next_pow2(dim), 4096))
         return block, triton.cdiv(dim, block) * block, 1
     blocks = triton.cdiv(dim, BLOCK_GPU)
@@ -116,14 +128,10 @@ def _split(batch: int, dim: int, device: torch.device) -> tuple[int, int, int]:
     return BLOCK_GPU, chunk, triton.cdiv(dim, chunk)
 
 
-def _rows(pred, pred_ref, target):
-    batch = pred.shape[0]
-    dtype = pred.dtype
-    return (
-        rows_2d(pred, batch),
-        rows_2d(pred_ref.to(dtype), batch),
-        rows_2d(target.to(dtype), batch),
-    )
+def _rows(*tensors):
+    """Each tensor as [B, D] with unit inner stride, in its own dtype."""
+    batch = tensors[0].shape[0]
+    return tuple(rows_2d(t, batch) for t in tensors)
 
 
 def forward(pred, pred_ref, target, weight, is_real, sample_weight, alpha, beta, reduction):
@@ -148,7 +156,7 @@ def forward(pred, pred_ref, target, weight, is_real, sample_weight, alpha, beta,
         BLOCK=block,
         num_warps=WARPS_GPU,
     )
-    out, logratio, norm, _ = run_epilogue(
+    out, logratio, group_scale, _ = run_loss_head(
         parts,
         neg_scale=weight,
         is_real=is_real,
@@ -157,7 +165,7 @@ def forward(pred, pred_ref, target, weight, is_real, sample_weight, alpha, beta,
         beta=beta,
         reduction=reduction,
     )
-    return out, logratio, norm
+    return out, logratio, group_scale
 
 
 def backward(
@@ -169,7 +177,7 @@ def backward(
     logratio,
     is_real,
     sample_weight,
-    norm,
+    group_scale,
     alpha,
     beta,
     reduction,
@@ -178,8 +186,7 @@ def backward(
     grad = torch.empty_like(pred, memory_format=torch.contiguous_format)
     if batch == 0 or grad.numel() == 0:
         return grad.zero_()
-    p = rows_2d(pred, batch)
-    t = rows_2d(target.to(pred.dtype), batch)
+    p, t = _rows(pred, target)
     dim = p.shape[1]
     block, chunk, n_parts = _split(batch, dim, pred.device)
     gout, gstride = coef_args(grad_out, reduction)
@@ -195,7 +202,7 @@ def backward(
         logratio,
         as_flags(is_real),
         vector(sample_weight),
-        norm,
+        group_scale,
         gout,
         gstride,
         vector(grad_logratio),

@@ -8,11 +8,10 @@ as small as the kernels allow.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .._backend import TRITON_INTERPRET
 
 
 def next_pow2(n: int) -> int:
@@ -26,7 +25,7 @@ def sm_count(device_index: int) -> int:
 
 def target_programs(device: torch.device) -> int:
     """Programs that keep every SM busy for a few waves (1 when interpreting)."""
-    if INTERPRET or device.type != "cuda":
+    if TRITON_INTERPRET or device.type != "cuda":
         return 1
     return 8 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
 

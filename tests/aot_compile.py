@@ -2,7 +2,8 @@
 
 Run as a script (``python tests/aot_compile.py``) in a process where TRITON_INTERPRET is unset:
 ``triton.compile`` needs real JIT functions. Prints one JSON line per (kernel, variant, dtype,
-arch) with the resources the compiler reports; exits non-zero if any compile fails.
+arch) with the resources ptxas reports (registers per thread, spill stores/loads in bytes);
+exits non-zero if any compile fails.
 """
 
 from __future__ import annotations
@@ -18,17 +19,25 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-from ddo_fast.kernels import ar_ddo, ddo_loss, diffusion_ddo, token_logprobs  # noqa: E402, F401
+from ddo_fast.kernels import (  # noqa: E402, F401
+    ar_ddo,
+    ddo_loss,
+    diffusion_ddo,
+    loss_head,
+    token_logprobs,
+)
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+
+from ddo_fast._reduction import Reduction  # noqa: E402
 
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 HEAD = {"alpha": "fp32", "beta": "fp32"}
 
 
 def _coef_sig(on: bool) -> tuple[dict, dict]:
-    """Signature/constexprs of the upstream_coef pointer group, enabled or all None."""
-    names = ["r_ptr", "real_ptr", "sw_ptr", "norm_ptr", "gout_ptr", "gr_ptr"]
+    """Signature/constexprs of the loss_head_coef pointer group, enabled or all None."""
+    names = ["r_ptr", "real_ptr", "sw_ptr", "group_scale_ptr", "gout_ptr", "gr_ptr"]
     types = ["*fp32", "*u8", "*fp32", "*fp32", "*fp32", "*fp32"]
     if on:
         sig = dict(zip(names, types, strict=True)) | {"gout_stride": "i32"} | HEAD
@@ -38,6 +47,45 @@ def _coef_sig(on: bool) -> tuple[dict, dict]:
 
 
 def cases():
+    # each tensor in its own dtype: bf16 pred, fp16 pred_ref, fp32 target; uint8 targets
+    yield (
+        "diffusion_ddo.partial_kernel",
+        "bf16/fp16/fp32",
+        diffusion_ddo.partial_kernel,
+        {
+            "pred_ptr": "*bf16",
+            "ref_ptr": "*fp16",
+            "tgt_ptr": "*fp32",
+            "part_ptr": "*fp32",
+            "D": "i64",
+            "stride_p": "i64",
+            "stride_q": "i64",
+            "stride_t": "i64",
+            "chunk": "i64",
+            "n_parts": "i32",
+        },
+        {"BLOCK": diffusion_ddo.BLOCK_GPU},
+        diffusion_ddo.WARPS_GPU,
+    )
+    yield (
+        "token_logprobs.stats_kernel[targets=u8]",
+        "bf16",
+        token_logprobs.stats_kernel,
+        {
+            "x_ptr": "*bf16",
+            "y_ptr": "*u8",
+            "logp_ptr": "*fp32",
+            "stats_ptr": "*fp32",
+            "n_rows": "i32",
+            "L": "i32",
+            "V": "i32",
+            "stride_b": "i64",
+            "stride_l": "i64",
+            "ignore_index": "i32",
+        },
+        {"BLOCK_V": 4096, "SINGLE": True},
+        token_logprobs._warps(4096),
+    )
     for dt, ptr in DTYPES.items():
         yield (
             "diffusion_ddo.partial_kernel",
@@ -77,16 +125,24 @@ def cases():
             const | {"BLOCK": diffusion_ddo.BLOCK_GPU},
             diffusion_ddo.WARPS_GPU,
         )
-        for single, block in ((True, 4096), (False, token_logprobs.BLOCK_LOOP)):
+        # the single-tile path at VAR's V=4096 and at its largest tile (MAX_SINGLE = 8192: the
+        # whole row in registers, the case most likely to spill), and the blocked path
+        variants = (
+            (True, 4096),
+            (True, token_logprobs.MAX_SINGLE),
+            (False, token_logprobs.BLOCK_LOOP),
+        )
+        for single, block in variants:
             yield (
-                f"token_logprobs.lse_kernel[single={single}]",
+                f"token_logprobs.stats_kernel[single={single},V={block}]",
                 dt,
-                token_logprobs.lse_kernel,
+                token_logprobs.stats_kernel,
                 {
                     "x_ptr": ptr,
                     "y_ptr": "*i64",
                     "logp_ptr": "*fp32",
-                    "lse_ptr": "*fp32",
+                    "stats_ptr": "*fp32",
+                    "n_rows": "i32",
                     "L": "i32",
                     "V": "i32",
                     "stride_b": "i64",
@@ -110,8 +166,9 @@ def cases():
                 {
                     "x_ptr": ptr,
                     "y_ptr": "*i64",
-                    "lse_ptr": "*fp32",
+                    "stats_ptr": "*fp32",
                     "grad_ptr": ptr,
+                    "n_rows": "i32",
                     "L": "i32",
                     "V": "i32",
                     "stride_b": "i64",
@@ -125,11 +182,11 @@ def cases():
                 | {"PER_TOKEN": per_token, "BLOCK_V": 4096},
                 token_logprobs._warps(4096),
             )
-    for reduction in (0, 1, 2):
+    for reduction in Reduction:
         yield (
-            f"ddo_loss.loss_epilogue_kernel[reduction={reduction}]",
+            f"loss_head.loss_head_kernel[reduction={reduction.name.lower()}]",
             "fp32",
-            ddo_loss.loss_epilogue_kernel,
+            loss_head.loss_head_kernel,
             {
                 "part_ptr": "*fp32",
                 "n_parts": "i32",
@@ -139,7 +196,7 @@ def cases():
                 "sw_ptr": "*fp32",
                 "r_ptr": "*fp32",
                 "out_ptr": "*fp32",
-                "norm_ptr": "*fp32",
+                "group_scale_ptr": "*fp32",
                 "ok_ptr": "*i32",
                 "B": "i32",
             }
@@ -149,7 +206,7 @@ def cases():
                 "HAS_OFFSET": True,
                 "HAS_LOSS": True,
                 "HAS_SW": True,
-                "REDUCTION": reduction,
+                "REDUCTION": int(reduction),
                 "CHECK": True,
                 "BLOCK_B": 8,
                 "BLOCK_P": 1024,
@@ -166,7 +223,7 @@ def cases():
             "r_ptr": "*fp32",
             "real_ptr": "*u8",
             "sw_ptr": "*fp32",
-            "norm_ptr": "*fp32",
+            "group_scale_ptr": "*fp32",
             "gout_ptr": "*fp32",
             "gout_stride": "i32",
         }
@@ -181,11 +238,12 @@ def _ptxas() -> str | None:
     return bundled if os.path.exists(bundled) else shutil.which("ptxas")
 
 
-def _registers(ptx: str, cc: int) -> int | None:
-    """Registers per thread as ptxas reports them (-v) for this PTX, when ptxas is present."""
+def _ptxas_info(ptx: str, cc: int) -> dict:
+    """Registers per thread and spill stores/loads (bytes) as ptxas reports them (-v) for this
+    PTX; None values when ptxas is absent or its report cannot be read."""
     tool = _ptxas()
     if tool is None:
-        return None
+        return {"registers": None, "spill_stores": None, "spill_loads": None}
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
@@ -196,8 +254,14 @@ def _registers(ptx: str, cc: int) -> int | None:
             capture_output=True,
             text=True,
         )
-    match = re.search(r"Used (\d+) registers", out.stdout + out.stderr)
-    return int(match.group(1)) if match else None
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_stores": int(spills.group(1)) if spills else None,
+        "spill_loads": int(spills.group(2)) if spills else None,
+    }
 
 
 def main() -> int:
@@ -218,8 +282,7 @@ def main() -> int:
                     "ok": True,
                     "shared": compiled.metadata.shared,
                     "num_warps": compiled.metadata.num_warps,
-                    "registers": _registers(compiled.asm["ptx"], cc),
-                }
+                } | _ptxas_info(compiled.asm["ptx"], cc)
             except Exception as exc:  # report every failure, not only the first
                 failures += 1
                 row |= {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}

@@ -52,15 +52,61 @@ def test_loss_and_grad_match_reference(backend_device, dtype, shape, reduction):
 
 
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_ref_logprob_from_sequence_logprob_gives_zero_ratio(backend_device):
-    """theta == ref: r = 0 exactly in expectation of the API: loss = (1 + alpha) log 2."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_model_equal_to_reference_gives_zero_ratio(backend_device, dtype):
+    """theta == ref, with ref_logprob from float64 (not from the backend under test, which would
+    hide a wrong log-prob): r = 0 to fp32 accumulation, loss = (1 + alpha) log 2, and the
+    gradient that of the float64 loss at r = 0."""
     backend, device = backend_device
-    logits, targets, _ = _inputs((4, 6, 21), torch.float32, device)
-    with torch.no_grad():
-        ref = ddo_fast.sequence_logprob(logits, targets, backend=backend)
+    logits, targets, _ = _inputs((4, 6, 21), dtype, device)
+    logits64 = logits.detach().double().requires_grad_()
+    ref = R.sequence_logprob_ref(logits64, targets)
     is_real = torch.tensor([True, True, False, False], device=device)
-    loss = ddo_fast.ar_ddo_loss(logits, targets, ref, is_real, alpha=3.0, backend=backend)
+    loss, r = ddo_fast.ar_ddo_loss(
+        logits, targets, ref.detach(), is_real, alpha=3.0, backend=backend, return_logratio=True
+    )
+    assert r.abs().max() <= 1e-5 * ref.detach().abs().max()
     torch.testing.assert_close(loss.cpu(), torch.tensor(4 * 0.6931471805599453))
+    loss64 = R.ddo_loss_ref(
+        R.sequence_logprob_ref(logits64, targets) - ref.detach(), is_real, alpha=3.0
+    )
+    (grad,) = torch.autograd.grad(loss, logits)
+    (grad64,) = torch.autograd.grad(loss64, logits64)
+    tol = GRAD_TOL[dtype]
+    assert_close_scaled(grad, grad64, rtol=tol["rtol"], atol_frac=tol["rtol"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_fused_zero_alpha_with_overflowing_beta(backend_device):
+    """alpha = 0, only fake samples: loss and gradient exactly 0 though beta * r overflows."""
+    backend, device = backend_device
+    logits, targets, ref = _inputs((3, 4, 9), torch.float32, device)
+    is_real = torch.zeros(3, dtype=torch.bool, device=device)
+    out = ddo_fast.ar_ddo_loss(logits, targets, ref, is_real, alpha=0.0, beta=1e37, backend=backend)
+    out.backward()
+    assert out == 0 and torch.all(logits.grad == 0)
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("target_dtype", [torch.int8, torch.int32, torch.uint8], ids=str)
+def test_integer_target_dtypes(backend_device, target_dtype):
+    backend, device = backend_device
+    logits, targets, ref = _inputs((3, 4, 37), torch.float32, device)
+    ignore_index = 250 if target_dtype == torch.uint8 else -100
+    targets[0, -1] = ignore_index
+    is_real = rand_mask(3, device)
+    kw = dict(alpha=2.0, beta=0.4, ignore_index=ignore_index, reduction="none")
+    out = ddo_fast.ar_ddo_loss(
+        logits, targets.to(target_dtype), ref, is_real, backend=backend, **kw
+    )
+    logits64 = logits.detach().double().requires_grad_()
+    expected = R.ar_ddo_loss_ref(logits64, targets, ref.double(), is_real, **kw)
+    assert_close_scaled(out, expected, rtol=1e-5, atol_frac=1e-6)
+    up = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, logits, up)
+    (grad64,) = torch.autograd.grad(expected, logits64, up.double())
+    assert_close_scaled(grad, grad64, rtol=1e-5, atol_frac=1e-6)
 
 
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)

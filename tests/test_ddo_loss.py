@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from utils import KERNEL_BACKENDS, assert_close_scaled, rand_mask, upstream_like
+from utils import ALL_BACKENDS, KERNEL_BACKENDS, assert_close_scaled, rand_mask, upstream_like
 
 import ddo_fast
 from ddo_fast import reference as R
@@ -97,3 +97,52 @@ def test_bad_ddo_loss_inputs(backend):
         ddo_fast.ddo_loss(torch.zeros(3), is_real, backend=backend)
     with pytest.raises(ValueError, match="sample_weight"):
         ddo_fast.ddo_loss(torch.zeros(2), is_real, sample_weight=torch.ones(3), backend=backend)
+
+
+# ----------------------------------------------------------------- zero-weight terms (§5)
+OVERFLOW_OK = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+@OVERFLOW_OK  # the interpreter's numpy reports the (intended) beta * r overflow
+@pytest.mark.parametrize("backend_device", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_zero_weight_terms_are_exactly_zero(backend_device, reduction):
+    """c_b = 0 (alpha = 0 on a fake sample, or sample_weight 0) gives exactly 0 loss and
+    gradient although beta * r_b = +-1e40 overflows fp32 (0 * inf would be NaN)."""
+    backend, device = backend_device
+    r = torch.tensor([1e30, -1e30, 1e-10, -1e30, 1e30, -2e-10], device=device).requires_grad_()
+    is_real = torch.tensor([False, False, True, True, True, False], device=device)
+    sw = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0], device=device)
+    kw = dict(alpha=0.0, beta=1e10, sample_weight=sw, reduction=reduction)
+    out = ddo_fast.ddo_loss(r, is_real, backend=backend, **kw)
+    per_sample = torch.zeros(6, dtype=torch.float64)
+    per_sample[2] = -torch.nn.functional.logsigmoid(torch.tensor(1.0, dtype=torch.float64))
+    n_real = 3 if reduction == "mean" else 1
+    expected = per_sample if reduction == "none" else per_sample.sum() / n_real
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-6, atol=0)
+    up = torch.ones_like(out)
+    (grad,) = torch.autograd.grad(out, r, up)
+    dense = torch.zeros(6, dtype=torch.float64)
+    dense[2] = -1e10 * torch.sigmoid(torch.tensor(-1.0, dtype=torch.float64)) / n_real
+    torch.testing.assert_close(grad.double().cpu(), dense, rtol=1e-6, atol=0)
+    assert torch.all(grad[[0, 1, 3, 4, 5]] == 0)
+
+
+@OVERFLOW_OK
+@pytest.mark.parametrize("backend_device", ALL_BACKENDS)
+def test_zero_weight_keeps_nan(backend_device):
+    """A NaN r_b propagates to its loss and gradient even when its weight is 0."""
+    backend, device = backend_device
+    nan = float("nan")
+    r = torch.tensor([nan, nan, 0.5, 1e30], device=device).requires_grad_()
+    is_real = torch.tensor([False, True, True, False], device=device)
+    sw = torch.tensor([1.0, 0.0, 1.0, 1.0], device=device)
+    out = ddo_fast.ddo_loss(
+        r, is_real, alpha=0.0, beta=1e10, sample_weight=sw, reduction="none", backend=backend
+    )
+    (grad,) = torch.autograd.grad(out, r, torch.ones_like(out))
+    assert out[0].isnan() and out[1].isnan() and grad[0].isnan() and grad[1].isnan()
+    assert out[3] == 0 and grad[3] == 0
+    assert torch.isfinite(out[2]) and torch.isfinite(grad[2])
+    total = ddo_fast.ddo_loss(r, is_real, alpha=0.0, sample_weight=sw, backend=backend)
+    assert total.isnan()

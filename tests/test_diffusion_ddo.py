@@ -5,8 +5,10 @@ import torch
 from utils import (
     DTYPES,
     GRAD_TOL,
+    HAS_TRITON,
     KERNEL_BACKENDS,
     assert_close_scaled,
+    assert_within_rounding,
     batch_strided,
     noncontiguous,
     rand_mask,
@@ -181,3 +183,80 @@ def test_loss_at_identical_models_is_one_plus_alpha_log2():
         pred, pred, torch.randn(8, 3, 4), torch.rand(8), is_real, alpha=alpha, beta=0.02
     )
     torch.testing.assert_close(loss, torch.tensor((1 + alpha) * 0.6931471805599453))
+
+
+def _check_mixed_against_float64(backend, pred, pred_ref, target, weight, is_real, **kw):
+    """Loss, r and d pred of a mixed-dtype call against float64 math on the same values."""
+    out, r = ddo_fast.diffusion_ddo_loss(
+        pred, pred_ref, target, weight, is_real, backend=backend, return_logratio=True, **kw
+    )
+    pred64 = pred.detach().double().requires_grad_()
+    r64 = R.diffusion_logratio_ref(pred64, pred_ref.double(), target.double(), weight.double())
+    scale = (
+        weight.double().abs()[:, None]
+        * ((pred64 - target.double()) ** 2 + (pred_ref.double() - target.double()) ** 2).reshape(
+            pred.shape[0], -1
+        )
+    ).sum(1)
+    assert torch.all((r.double() - r64.detach()).abs() <= 1e-5 * scale)
+    loss64 = R.ddo_loss_ref(r64, is_real, **kw)
+    torch.testing.assert_close(out.double(), loss64.detach(), rtol=1e-5, atol=1e-6)
+    up = upstream_like(out)
+    (grad,) = torch.autograd.grad(out, pred, up)
+    (grad64,) = torch.autograd.grad(loss64, pred64, up.double())
+    rel = 1e-5 if pred.dtype == torch.float32 else None
+    assert_within_rounding(grad, grad64, rel=rel, floor=1e-7 * float(grad64.abs().max()))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is a test requirement; install .[test]")
+@pytest.mark.parametrize("parts", [1, 3, 1030])
+def test_triton_split_d(monkeypatch, parts):
+    """The GPU grid splits D into parts (one program each, summed by loss_head_kernel); the
+    interpreter never does on its own, so FORCE_PARTS makes it: 1, 3 and > 1024 parts (the
+    looped BLOCK_P path of loss_head_kernel), forward and backward, in a dtype mix."""
+    from ddo_fast.kernels import diffusion_ddo as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dim = 16 * 1030 - 3 if parts > 1024 else 1037
+    # one sample for > 1024 parts: the interpreter runs each of the B * parts programs in Python
+    batch = 1 if parts > 1024 else 2
+    monkeypatch.setattr(kernels, "FORCE_PARTS", parts)
+    assert kernels._split(batch, dim, torch.device(device))[2] == parts
+    pred = torch.randn(batch, dim, device=device).bfloat16().requires_grad_()
+    pred_ref = torch.randn(batch, dim, device=device)
+    target = torch.randn(batch, dim, device=device).half()
+    weight = torch.rand(batch, device=device) + 0.5
+    is_real = torch.tensor([True, False][:batch], device=device)
+    _check_mixed_against_float64(
+        "triton", pred, pred_ref, target, weight, is_real, alpha=1.3, beta=0.01, reduction="none"
+    )
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_many_chunks_against_float64(backend_device):
+    """D = 40000 spans three of the C++ kernel's 16384-element chunks (the last one partial),
+    in a batch-strided layout and a dtype mix."""
+    backend, device = backend_device
+    shape = (3, 8, 5000)
+    pred = batch_strided(torch.randn(shape, device=device).bfloat16()).requires_grad_()
+    pred_ref = batch_strided(torch.randn(shape, device=device))
+    target = batch_strided(torch.randn(shape, device=device).half())
+    weight = (torch.rand(3, device=device) + 0.5).half()
+    _check_mixed_against_float64(
+        backend, pred, pred_ref, target, weight, rand_mask(3, device), beta=0.002, reduction="sum"
+    )
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_fused_zero_alpha_with_overflowing_beta(backend_device):
+    """alpha = 0 and only fake samples: the loss and d pred are exactly 0, although
+    beta * r overflows fp32 (the fused kernels share the loss head's zero-weight rule)."""
+    backend, device = backend_device
+    pred, pred_ref, target, weight = _inputs((3, 4, 5), torch.float32, device, "contiguous")
+    is_real = torch.zeros(3, dtype=torch.bool, device=device)
+    out = ddo_fast.diffusion_ddo_loss(
+        pred, pred_ref, target, weight, is_real, alpha=0.0, beta=1e37, backend=backend
+    )
+    out.backward()
+    assert out == 0 and torch.all(pred.grad == 0)

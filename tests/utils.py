@@ -19,6 +19,13 @@ if HAS_TRITON:
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+# Every route a public function can take here: the kernel backends and plain PyTorch.
+_TORCH_DEVICE = "cuda" if HAS_CUDA else "cpu"
+ALL_BACKENDS = [
+    *KERNEL_BACKENDS,
+    pytest.param(("torch", _TORCH_DEVICE), id=f"torch-{_TORCH_DEVICE}"),
+]
+
 # Tolerances (rtol, atol) for values the kernels compute in fp32 from the same (already
 # rounded) inputs: the error is fp32 accumulation order only, whatever the input dtype.
 FP32_TOL = dict(rtol=2e-5, atol=2e-5)
@@ -28,6 +35,47 @@ GRAD_TOL = {
     torch.float16: dict(rtol=2e-3, atol=1e-5),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-4),
 }
+
+
+# Relative size of one rounding to each dtype (half an ulp at the top of a binade is 2^-p; one
+# ulp, 2^(1-p), bounds a rounding on top of a few fp32 errors).
+ULP = {
+    torch.float32: 2.0**-23,
+    torch.float16: 2.0**-10,
+    torch.bfloat16: 2.0**-7,
+    torch.float64: 2.0**-52,
+}
+# Smallest positive subnormal of each dtype: the absolute rounding step near zero.
+TINY = {
+    torch.float32: 2.0**-149,
+    torch.float16: 2.0**-24,
+    torch.bfloat16: 2.0**-133,
+    torch.float64: 2.0**-1074,
+}
+
+
+def assert_within_rounding(
+    actual: torch.Tensor, exact: torch.Tensor, rel: float | None = None, floor: float = 0.0
+) -> float:
+    """Elementwise |actual - exact| <= rel * |exact| + floor + TINY, rel defaulting to one ulp of
+    ``actual.dtype``: the value is the exact one rounded once to its storage dtype (on top of fp32
+    math). Returns the largest error in units of that bound (for reporting)."""
+    rel = ULP[actual.dtype] if rel is None else rel
+    a, e = actual.detach().to(torch.float64), exact.detach().to(torch.float64)
+    assert a.shape == e.shape
+    bound = rel * e.abs() + floor + TINY[actual.dtype]
+    err = (a - e).abs()
+    same_nonfinite = (~torch.isfinite(e)) & ((a == e) | (a.isnan() & e.isnan()))
+    bad = ~((err <= bound) | same_nonfinite)
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{int(bad.sum())}/{bad.numel()} elements beyond rounding: e.g. actual "
+            f"{a.flatten()[i].item()!r} exact {e.flatten()[i].item()!r} bound "
+            f"{bound.flatten()[i].item():.3g}"
+        )
+    finite = torch.isfinite(e)
+    return float((err[finite] / bound[finite]).max()) if finite.any() else 0.0
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:

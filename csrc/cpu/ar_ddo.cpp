@@ -1,8 +1,8 @@
 // CPU kernels of the fused autoregressive DDO loss.
 //   forward : r_b = sum_l log_softmax(logits[b, l])[targets[b, l]] - ref_logprob_b, then the loss
-//             head; saves only logsumexp [B, L].
+//             head; saves only the softmax statistics stats [2, B, L] (row max, log sum exp).
 //   backward: d logits[b, l, :] = k_b * (onehot - softmax), k_b = d(total)/d r_b from the loss head,
-//             softmax recomputed from the saved logsumexp in the same pass that writes the grad.
+//             softmax recomputed from the saved statistics in the same pass that writes the grad.
 #include <torch/library.h>
 
 #include "loss_head.h"
@@ -16,32 +16,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ar_ddo_fwd_cpu(
     const std::optional<at::Tensor>& ref_logprob, const std::optional<at::Tensor>& is_real,
     const std::optional<at::Tensor>& sample_weight, double alpha, double beta,
     int64_t ignore_index, int64_t reduction) {
-  check_reduction(reduction);
-  auto [logp, lse] = token_rows_forward(logits, targets, ignore_index);
+  const Reduction red = to_reduction(reduction);
+  auto [logp, stats] = token_rows_forward(logits, targets, ignore_index);
   const int64_t batch = logp.size(0);
   // Sum over tokens in double: sequences of hundreds of tokens lose digits in fp32 otherwise.
   at::Tensor logratio = logp.sum(1, /*keepdim=*/false, at::kDouble);
   if (ref_logprob.has_value()) {
     check_batch_vector(*ref_logprob, batch, "ref_logprob");
-    logratio = logratio - ref_logprob->to(at::kDouble);
+    logratio = logratio - ref_logprob->to(at::kDouble);  // exact for every float dtype
   }
   logratio = logratio.to(at::kFloat);
   if (!is_real.has_value()) {
-    return {at::empty({0}, logp.options()), logratio, at::ones({2}, logp.options()), lse};
+    return {at::empty({0}, logp.options()), logratio, at::ones({2}, logp.options()), stats};
   }
-  auto [out, norm] = loss_head_forward(logratio, *is_real, sample_weight, alpha, beta, reduction);
-  return {out, logratio, norm, lse};
+  auto [out, group_scale] = loss_head_forward(logratio, *is_real, sample_weight, alpha, beta, red);
+  return {out, logratio, group_scale, stats};
 }
 
 at::Tensor ar_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
                           const std::optional<at::Tensor>& grad_logratio, const at::Tensor& logits,
-                          const at::Tensor& targets, const at::Tensor& lse,
+                          const at::Tensor& targets, const at::Tensor& stats,
                           const at::Tensor& logratio, const std::optional<at::Tensor>& is_real,
-                          const std::optional<at::Tensor>& sample_weight, const at::Tensor& norm,
-                          double alpha, double beta, int64_t ignore_index, int64_t reduction) {
+                          const std::optional<at::Tensor>& sample_weight,
+                          const at::Tensor& group_scale, double alpha, double beta,
+                          int64_t ignore_index, int64_t reduction) {
   const at::Tensor k = loss_head_coef(grad_out, grad_logratio, logratio, is_real, sample_weight,
-                                      norm, alpha, beta, reduction);
-  return token_rows_backward(k, logits, targets, lse, ignore_index);
+                                      group_scale, alpha, beta, to_reduction(reduction));
+  return token_rows_backward(k, logits, targets, stats, ignore_index);
 }
 
 }  // namespace

@@ -3,13 +3,17 @@
 //             r_b = -weight_b * sum_d [(pred - target)^2 - (pred_ref - target)^2], then the loss head.
 //   backward: one pass over pred, target: d pred = -2 * weight_b * k_b * (pred - target), where
 //             k_b = d(total)/d r_b comes from the loss head (loss_head_coef).
+// Each tensor is read in its own dtype and upcast per element (a bf16 pred_ref next to an fp32
+// target keeps every digit of both); the math is fp32, or double when any input is double.
 // Work is split into (sample, chunk) items so both "few large samples" and "many small samples"
-// keep every thread busy; chunk sums are fp32 vector lanes, combined across chunks in double.
+// keep every thread busy; chunk sums are vector lanes, combined across chunks in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "loss_head.h"
 #include "large_alloc.h"
@@ -20,9 +24,10 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 14;
 
-// View as [B, D] with unit inner stride (copies only when the layout cannot be viewed so).
-at::Tensor as_rows(const at::Tensor& t, int64_t batch, at::ScalarType dtype) {
-  at::Tensor x = t.scalar_type() == dtype ? t : t.to(dtype);
+// View as [B, D] with unit inner stride (copies only when the layout cannot be viewed so); the
+// dtype is kept.
+at::Tensor as_rows(const at::Tensor& t, int64_t batch) {
+  at::Tensor x = t;
   int64_t dim = 1;
   for (int64_t d = 1; d < x.dim(); ++d) dim *= x.size(d);
   x = x.reshape({batch, dim});
@@ -42,24 +47,50 @@ void check_inputs(const at::Tensor& pred, const at::Tensor& pred_ref, const at::
   check_batch_vector(weight, pred.size(0), "weight");
 }
 
-template <typename T>
-float chunk_sum(const T* p, const T* q, const T* t, int64_t n) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) {
-    const float tv = static_cast<float>(t[i]);
-    const float dp = static_cast<float>(p[i]) - tv;
-    const float dq = static_cast<float>(q[i]) - tv;
-    acc += dp * dp - dq * dq;
-  }
-  return acc;
+// The arithmetic type for a set of input element types: float, or double if any input is double.
+template <typename... Ts>
+using math_t = std::conditional_t<(std::is_same_v<Ts, double> || ...), double, float>;
+
+// Calls f(A{}, B{}) with the element types of two tensors (float, double, half, bf16).
+template <typename F>
+void dispatch2(at::ScalarType a, at::ScalarType b, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a, "diffusion_ddo", [&] {
+    using A = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b, "diffusion_ddo",
+                                    [&] { f(A{}, scalar_t{}); });
+  });
 }
 
-template <typename T>
-void chunk_grad(const T* p, const T* t, T* g, float coef, int64_t n) {
+// Calls f(A{}, B{}, C{}) with the element types of three tensors.
+template <typename F>
+void dispatch3(at::ScalarType a, at::ScalarType b, at::ScalarType c, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a, "diffusion_ddo", [&] {
+    using A = scalar_t;
+    dispatch2(b, c, [&](auto b_tag, auto c_tag) { f(A{}, b_tag, c_tag); });
+  });
+}
+
+template <typename P, typename Q, typename T>
+double chunk_sum(const P* p, const Q* q, const T* t, int64_t n) {
+  using M = math_t<P, Q, T>;
+  M acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const M tv = static_cast<M>(t[i]);
+    const M dp = static_cast<M>(p[i]) - tv;
+    const M dq = static_cast<M>(q[i]) - tv;
+    acc += dp * dp - dq * dq;
+  }
+  return static_cast<double>(acc);
+}
+
+template <typename P, typename T>
+void chunk_grad(const P* p, const T* t, P* g, double coef, int64_t n) {
+  using M = math_t<P, T>;
+  const M k = static_cast<M>(coef);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    g[i] = static_cast<T>(coef * (static_cast<float>(p[i]) - static_cast<float>(t[i])));
+    g[i] = static_cast<P>(k * (static_cast<M>(p[i]) - static_cast<M>(t[i])));
   }
 }
 
@@ -68,20 +99,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_ddo_fwd_cpu(
     const at::Tensor& weight, const std::optional<at::Tensor>& is_real,
     const std::optional<at::Tensor>& sample_weight, double alpha, double beta, int64_t reduction) {
   check_inputs(pred, pred_ref, target, weight);
-  check_reduction(reduction);
+  const Reduction red = to_reduction(reduction);
   const int64_t batch = pred.size(0);
-  const at::ScalarType dtype = pred.scalar_type();
-  const at::Tensor p = as_rows(pred, batch, dtype);
-  const at::Tensor q = as_rows(pred_ref, batch, dtype);
-  const at::Tensor t = as_rows(target, batch, dtype);
+  const at::Tensor p = as_rows(pred, batch);
+  const at::Tensor q = as_rows(pred_ref, batch);
+  const at::Tensor t = as_rows(target, batch);
   const int64_t dim = p.size(1);
   const int64_t chunks = std::max<int64_t>(1, (dim + kChunk - 1) / kChunk);
 
   std::vector<double> partial(batch * chunks, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffusion_ddo_fwd", [&] {
-    const scalar_t* pp = p.const_data_ptr<scalar_t>();
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+  dispatch3(p.scalar_type(), q.scalar_type(), t.scalar_type(),
+            [&](auto p_tag, auto q_tag, auto t_tag) {
+    const auto* pp = p.const_data_ptr<decltype(p_tag)>();
+    const auto* qp = q.const_data_ptr<decltype(q_tag)>();
+    const auto* tp = t.const_data_ptr<decltype(t_tag)>();
     at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / chunks, start = (i % chunks) * kChunk;
@@ -93,20 +124,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_ddo_fwd_cpu(
     });
   });
 
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.to(at::kDouble).contiguous();  // exact for every float dtype
   at::Tensor logratio = at::empty({batch}, pred.options().dtype(at::kFloat));
-  const float* wp = w.const_data_ptr<float>();
+  const double* wp = w.const_data_ptr<double>();
   float* rp = logratio.data_ptr<float>();
   for (int64_t b = 0; b < batch; ++b) {
     double s = 0.0;
     for (int64_t c = 0; c < chunks; ++c) s += partial[b * chunks + c];
-    rp[b] = static_cast<float>(-static_cast<double>(wp[b]) * s);
+    rp[b] = static_cast<float>(-wp[b] * s);
   }
   if (!is_real.has_value()) {
     return {at::empty({0}, logratio.options()), logratio, at::ones({2}, logratio.options())};
   }
-  auto [out, norm] = loss_head_forward(logratio, *is_real, sample_weight, alpha, beta, reduction);
-  return {out, logratio, norm};
+  auto [out, group_scale] = loss_head_forward(logratio, *is_real, sample_weight, alpha, beta, red);
+  return {out, logratio, group_scale};
 }
 
 at::Tensor diffusion_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
@@ -115,24 +146,25 @@ at::Tensor diffusion_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
                                  const at::Tensor& weight, const at::Tensor& logratio,
                                  const std::optional<at::Tensor>& is_real,
                                  const std::optional<at::Tensor>& sample_weight,
-                                 const at::Tensor& norm, double alpha, double beta,
+                                 const at::Tensor& group_scale, double alpha, double beta,
                                  int64_t reduction) {
   const int64_t batch = pred.size(0);
-  const at::ScalarType dtype = pred.scalar_type();
   const at::Tensor k = loss_head_coef(grad_out, grad_logratio, logratio, is_real, sample_weight,
-                                      norm, alpha, beta, reduction);
-  const at::Tensor coef = (k * weight.to(at::kFloat) * -2.0).contiguous();
-  const at::Tensor p = as_rows(pred, batch, dtype);
-  const at::Tensor t = as_rows(target, batch, dtype);
+                                      group_scale, alpha, beta, to_reduction(reduction));
+  // d pred = coef_b * (pred - target), coef_b = -2 weight_b k_b (weight read exactly, in double).
+  const at::Tensor coef = (k.to(at::kDouble) * weight.to(at::kDouble) * -2.0).contiguous();
+  const at::Tensor p = as_rows(pred, batch);
+  const at::Tensor t = as_rows(target, batch);
   const int64_t dim = p.size(1);
   const int64_t chunks = std::max<int64_t>(1, (dim + kChunk - 1) / kChunk);
   at::Tensor grad = empty_large({batch, dim}, pred.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffusion_ddo_bwd", [&] {
-    const scalar_t* pp = p.const_data_ptr<scalar_t>();
-    const scalar_t* tp = t.const_data_ptr<scalar_t>();
-    scalar_t* gp = grad.data_ptr<scalar_t>();
-    const float* cp = coef.const_data_ptr<float>();
+  dispatch2(p.scalar_type(), t.scalar_type(), [&](auto p_tag, auto t_tag) {
+    using P = decltype(p_tag);
+    const P* pp = p.const_data_ptr<P>();
+    const auto* tp = t.const_data_ptr<decltype(t_tag)>();
+    P* gp = grad.data_ptr<P>();
+    const double* cp = coef.const_data_ptr<double>();
     at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / chunks, start = (i % chunks) * kChunk;

@@ -1,7 +1,10 @@
-// CPU kernels of token log-probs: log p(y | logits) = logits[y] - logsumexp(logits).
+// CPU kernels of token log-probs: log p(y | x) = (x_y - m) - log sum_v exp(x_v - m), m = max_v x_v.
 // Forward reads each vocabulary row once (max pass + exp-sum pass on the row while it sits in
-// cache) and keeps only logsumexp [B, L]; backward recomputes softmax from it and writes
-// coef * (onehot - softmax) in one pass, so no [B, L, V] temporary is ever saved.
+// cache) and keeps only the row statistics stats [2, B, L] = (m, log s); backward recomputes
+// softmax = exp((x - m) - log s) from them and writes coef * (onehot - softmax) in one pass, so
+// no [B, L, V] temporary is ever saved. Subtracting m before log s (instead of forming
+// logsumexp = m + log s) keeps logp exact to fp32 rounding even at logit offsets of 1e4, where
+// m + log s alone would round away ~1e-3.
 #include "token_logprobs.h"
 
 #include <ATen/Dispatch.h>
@@ -29,34 +32,40 @@ const float* float_row(const T* x, int64_t vocab, float* buf) {
   }
 }
 
-float row_logsumexp(const float* x, int64_t vocab) {
+// Softmax statistics of one row: m = max_v x_v and log s, s = sum_v exp(x_v - m). A row of only
+// -inf, or one holding +inf or NaN, gives NaN log s (and so NaN logp and gradient).
+struct RowStats {
+  float max;
+  float log_sum;
+};
+
+RowStats row_stats(const float* x, int64_t vocab) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t v = 0; v < vocab; ++v) m = x[v] > m ? x[v] : m;
-  if (std::isinf(m)) return m;  // all -inf (or +inf present): logsumexp is that value
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t v = 0; v < vocab; ++v) s += fast_exp(x[v] - m);
-  return m + std::log(s);
+  return {m, std::log(s)};
 }
 
-// out[v] = -coef * exp(x[v] - lse), then out[target] += coef.
-void row_grad(const float* x, int64_t vocab, float lse, int64_t target, float coef, float* out) {
+// out[v] = -coef * exp((x[v] - m) - log s), then out[target] += coef.
+void row_grad(const float* x, int64_t vocab, RowStats st, int64_t target, float coef, float* out) {
   const float neg = -coef;
 #pragma omp simd
-  for (int64_t v = 0; v < vocab; ++v) out[v] = neg * fast_exp(x[v] - lse);
+  for (int64_t v = 0; v < vocab; ++v) out[v] = neg * fast_exp((x[v] - st.max) - st.log_sum);
   out[target] += coef;
 }
 
 // Gradient of one row, written in the row's own dtype (via a float buffer for fp16/bf16).
 template <typename T>
-void grad_row(const T* xr, int64_t vocab, float lse, int64_t target, float coef, T* out,
+void grad_row(const T* xr, int64_t vocab, RowStats st, int64_t target, float coef, T* out,
               float* in_buf, float* out_buf) {
   const float* xf = float_row(xr, vocab, in_buf);
   if constexpr (std::is_same_v<T, float>) {
-    row_grad(xf, vocab, lse, target, coef, out);
+    row_grad(xf, vocab, st, target, coef, out);
   } else {
-    row_grad(xf, vocab, lse, target, coef, out_buf);
+    row_grad(xf, vocab, st, target, coef, out_buf);
     from_float(out_buf, out, vocab);
   }
 }
@@ -75,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> prepare_token_inputs(const at::Tensor& logits
                     logits.sizes());
   TORCH_CHECK_TYPE(!at::isFloatingType(targets.scalar_type()) && targets.scalar_type() != at::kBool &&
                        !at::isComplexType(targets.scalar_type()),
-                   "ddo_fast: `targets` must be an integer tensor (int64), got ",
+                   "ddo_fast: `targets` must be an integer tensor, got ",
                    targets.scalar_type());
   TORCH_CHECK_VALUE(targets.dim() == 2 && targets.size(0) == logits.size(0) &&
                         targets.size(1) == logits.size(1),
@@ -104,9 +113,10 @@ std::tuple<at::Tensor, at::Tensor> token_rows_forward(const at::Tensor& logits,
   const int64_t batch = x.size(0), len = x.size(1), vocab = x.size(2);
   const auto opts = x.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({batch, len}, opts);
-  at::Tensor lse = at::empty({batch, len}, opts);
+  at::Tensor stats = at::empty({2, batch, len}, opts);
   float* lp = logp.data_ptr<float>();
-  float* sp = lse.data_ptr<float>();
+  float* mp = stats.data_ptr<float>();  // stats[0]: row max
+  float* sp = mp + batch * len;         // stats[1]: log sum exp(x - max)
   const int64_t* yp = y.const_data_ptr<int64_t>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_rows_fwd", [&] {
@@ -117,33 +127,39 @@ std::tuple<at::Tensor, at::Tensor> token_rows_forward(const at::Tensor& logits,
         const int64_t target = yp[row];
         if (target == ignore_index) {
           lp[row] = 0.0f;
+          mp[row] = 0.0f;
           sp[row] = 0.0f;
           continue;
         }
         const scalar_t* xr = xp + (row / len) * s0 + (row % len) * s1;
         const float* xf = float_row(xr, vocab, buf.data());
-        const float l = row_logsumexp(xf, vocab);
-        sp[row] = l;
-        lp[row] = xf[target] - l;
+        const RowStats st = row_stats(xf, vocab);
+        mp[row] = st.max;
+        sp[row] = st.log_sum;
+        lp[row] = (xf[target] - st.max) - st.log_sum;
       }
     });
   });
-  return {logp, lse};
+  return {logp, stats};
 }
 
 at::Tensor token_rows_backward(const at::Tensor& coef, const at::Tensor& logits,
-                               const at::Tensor& targets, const at::Tensor& lse,
+                               const at::Tensor& targets, const at::Tensor& stats,
                                int64_t ignore_index) {
   at::Tensor x = logits;
   if (x.size(2) > 1 && x.stride(2) != 1) x = x.contiguous();
   const at::Tensor y = targets.to(at::kLong).contiguous();
-  const at::Tensor l = lse.to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == 2 && stats.size(1) == x.size(0) &&
+                        stats.size(2) == x.size(1),
+                    "ddo_fast: `stats` must have shape [2, B, L], got ", stats.sizes());
+  const at::Tensor st = stats.to(at::kFloat).contiguous();
   const at::Tensor c = coef.to(at::kFloat).contiguous();
   const int64_t batch = x.size(0), len = x.size(1), vocab = x.size(2);
   const bool per_sequence = c.dim() == 1;
   at::Tensor grad = empty_large({batch, len, vocab}, x.options());
   const int64_t* yp = y.const_data_ptr<int64_t>();
-  const float* lp = l.const_data_ptr<float>();
+  const float* mp = st.const_data_ptr<float>();
+  const float* sp = mp + batch * len;
   const float* cp = c.const_data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_rows_bwd", [&] {
@@ -161,7 +177,8 @@ at::Tensor token_rows_backward(const at::Tensor& coef, const at::Tensor& logits,
           continue;
         }
         const scalar_t* xr = xp + (row / len) * s0 + (row % len) * s1;
-        grad_row(xr, vocab, lp[row], target, k, gr, in_buf.data(), out_buf.data());
+        grad_row(xr, vocab, RowStats{mp[row], sp[row]}, target, k, gr, in_buf.data(),
+                 out_buf.data());
       }
     });
   });
@@ -177,9 +194,9 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::Tensor& logi
 }
 
 at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits,
-                                  const at::Tensor& targets, const at::Tensor& lse,
+                                  const at::Tensor& targets, const at::Tensor& stats,
                                   int64_t ignore_index) {
-  return token_rows_backward(grad, logits, targets, lse, ignore_index);
+  return token_rows_backward(grad, logits, targets, stats, ignore_index);
 }
 
 }  // namespace

@@ -1,27 +1,17 @@
-"""Argument checks and autograd plumbing shared by the operator modules.
+"""Argument checks, fake outputs and autograd pieces shared by the operator modules.
 
-Checks read only shapes, dtypes and devices (host metadata): no device sync ever happens here.
+Checks read only shapes, dtypes and devices (host metadata): no device sync ever happens here,
+and each public function checks each argument once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .. import reference
-
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-
-def reduction_code(reduction: str) -> int:
-    try:
-        return REDUCTIONS[reduction]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"ddo_fast: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
-        ) from None
+from .._backend import resolve_backend
+from .._reduction import Reduction
 
 
 def check_tensor(name: str, t: Any) -> torch.Tensor:
@@ -73,21 +63,31 @@ def check_is_real(is_real: Any, batch: int, device: torch.device) -> torch.Tenso
 def check_loss_args(
     is_real: Any, sample_weight: Any, batch: int, device: torch.device, reduction: str
 ) -> int:
-    """Checks the arguments every DDO loss takes; returns the reduction code."""
-    code = reduction_code(reduction)
+    """Checks the arguments every DDO loss takes; returns the schema's ``int reduction``."""
+    code = int(Reduction.parse(reduction))
     check_is_real(is_real, batch, device)
     if sample_weight is not None:
         check_batch_vector("sample_weight", sample_weight, batch, device)
     return code
 
 
-def check_token_args(logits: Any, targets: Any) -> None:
+def constant(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An optional input that never receives gradients (weights, the reference side)."""
+    return None if t is None else t.detach()
+
+
+def token_route(logits: Any, targets: Any, ignore_index: int, backend: str | None) -> str:
+    """Checks the token arguments and returns the route (see ``resolve_backend``).
+
+    Out-of-range targets are left to the kernels: the C++ kernel raises IndexError before its
+    parallel region, the Triton kernels assert device-side (no host sync here).
+    """
     check_float("logits", logits)
     if logits.dim() != 3:
         raise ValueError(f"ddo_fast: `logits` must have shape [B, L, V], got {list(logits.shape)}")
     check_tensor("targets", targets)
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"ddo_fast: `targets` must be an int64 tensor, got {targets.dtype}")
+        raise TypeError(f"ddo_fast: `targets` must be an integer tensor, got {targets.dtype}")
     if targets.shape != logits.shape[:2]:
         raise ValueError(
             f"ddo_fast: `targets` must have shape [B, L] = {list(logits.shape[:2])} to match "
@@ -96,42 +96,53 @@ def check_token_args(logits: Any, targets: Any) -> None:
     check_device("targets", targets, logits.device)
     if logits.shape[2] == 0 and targets.numel():
         raise ValueError("ddo_fast: `logits` has an empty vocabulary dimension")
+    return resolve_backend(backend, logits.device)
 
 
-def check_targets_on_cpu(
-    route: str, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
-) -> None:
-    """Out-of-range targets on the C++ CPU path are caught here, before the kernel.
+# ------------------------------------------------------------------- fakes and autograd
+def loss_fakes(
+    like: torch.Tensor, batch: int, with_loss: bool, reduction: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake ``(out, logratio [B], group_scale [2])`` of a loss-head forward, all fp32.
 
-    The kernel checks too, but a C++ exception thrown from the extension was seen to crash the
-    process under torch 2.11 (the GPU machine's build), so the public path never relies on it.
-    Triton paths flag bad targets inside the kernel and assert device-side.
+    ``out`` is [0] without a loss (``is_real`` absent), [B] for ``Reduction.NONE``, else a scalar.
     """
-    if route == "dispatch" and logits.device.type == "cpu":
-        reference.assert_targets_in_range(targets, logits.shape[2], ignore_index)
-
-
-def interpreter_function(
-    name: str,
-    forward: Callable[..., Any],
-    setup_context: Callable[..., None],
-    backward: Callable[..., Any],
-) -> type[torch.autograd.Function]:
-    """An autograd.Function running Triton kernels on CPU tensors (``TRITON_INTERPRET=1``).
-
-    It shares ``setup_context``/``backward`` with the registered operator, so the interpreter
-    tests exercise the same gradient code the CUDA path runs.
-    """
-
-    def _forward(*args: Any) -> Any:
-        return forward(*args)
-
-    return type(
-        name,
-        (torch.autograd.Function,),
-        {
-            "forward": staticmethod(_forward),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-        },
+    if not with_loss:
+        out_shape: tuple[int, ...] = (0,)
+    else:
+        out_shape = (batch,) if reduction == Reduction.NONE else ()
+    f32 = torch.float32
+    return (
+        like.new_empty(out_shape, dtype=f32),
+        like.new_empty((batch,), dtype=f32),
+        like.new_empty((2,), dtype=f32),
     )
+
+
+def save_fused_loss(
+    ctx: Any, saved: tuple, params: tuple, with_loss: bool, *constants: torch.Tensor
+) -> None:
+    """``setup_context`` of a fused op, for :func:`fused_loss_backward`.
+
+    ``saved``: tensors in the order the ``bwd`` schema takes them after the two upstream
+    gradients; ``params``: the scalar arguments that follow; ``constants``: outputs without
+    gradient (``group_scale``, ``stats``). Grads are not materialised: an unused output is free.
+    """
+    ctx.mark_non_differentiable(*constants)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*saved)
+    ctx.params, ctx.with_loss = params, with_loss
+
+
+def fused_loss_backward(bwd: Any, ctx: Any, grad_out: Any, grad_logratio: Any, *_: Any) -> tuple:
+    """Backward of a fused log-ratio + loss-head forward ``(out, logratio, group_scale, ...)``.
+
+    Only the first input (``pred``/``logits``) gets a gradient; ``setup_context`` calls
+    :func:`save_fused_loss`. Without a loss (``is_real`` absent) only ``logratio`` carries one.
+    """
+    grad = None
+    if ctx.needs_input_grad[0] and (grad_out is not None or grad_logratio is not None):
+        if not ctx.with_loss:
+            grad_out = None
+        grad = bwd(grad_out, grad_logratio, *ctx.saved_tensors, *ctx.params)
+    return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)

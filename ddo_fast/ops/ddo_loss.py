@@ -1,81 +1,57 @@
-"""``ddo_loss``: the DDO objective from per-sample log-ratios (Zheng et al. 2025, Eq. 13).
+"""``ddo_loss``: the DDO objective on per-sample log-ratios (Zheng et al. 2025, Eq. 13).
 
-``l_b = -w_b logsigmoid(beta r_b)`` for real samples and ``-alpha w_b logsigmoid(-beta r_b)`` for
-samples drawn from the reference model; reduced per group (see ``ddo_fast.reference``).
+With ``r_b = log p_theta(x_b) - log p_ref(x_b)`` and ``w_b`` the sample weight (1 by default):
+
+* real sample (from the data):    ``l_b = -w_b * logsigmoid(beta * r_b)``
+* fake sample (drawn from p_ref): ``l_b = -alpha * w_b * logsigmoid(-beta * r_b)``
+
+``Reduction.MEAN`` is ``sum_real l / n_real + sum_fake l / n_fake`` (an empty group adds 0), i.e.
+``sum_b group_scale[g_b] * l_b`` with the per-group scale ``group_scale`` [2] = (1/n_real,
+1/n_fake) that the forward returns for the backward (1 for the other reductions). The gradient is
+``d l_b / d r_b = -beta w_b sigmoid(-beta r_b)`` (real) or ``alpha beta w_b sigmoid(beta r_b)``
+(fake), times the upstream gradient and the group scale.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from .. import reference
-from .._backend import resolve_backend
-from ._common import check_float, check_loss_args, interpreter_function
+from .._backend import TORCH, resolve_backend
+from .._reduction import Reduction
+from . import _triton
+from ._common import check_float, check_loss_args, constant
+from ._registry import register_op
 
-_FWD = "ddo_fast::ddo_loss_fwd"
-_BWD = "ddo_fast::ddo_loss_bwd"
 
-
-@torch.library.register_fake(_FWD)
 def _fwd_fake(logratio, is_real, sample_weight, alpha, beta, reduction):
-    f32 = dict(dtype=torch.float32, device=logratio.device)
-    out = logratio.new_empty(logratio.shape if reduction == 0 else (), **f32)
-    return out, logratio.new_empty((2,), **f32)
+    f32 = torch.float32
+    out = logratio.new_empty(logratio.shape if reduction == Reduction.NONE else (), dtype=f32)
+    return out, logratio.new_empty((2,), dtype=f32)
 
 
-@torch.library.register_fake(_BWD)
-def _bwd_fake(grad_out, logratio, is_real, sample_weight, norm, alpha, beta, reduction):
-    return logratio.new_empty(logratio.shape, dtype=torch.float32)
+def _bwd_fake(grad_out, logratio, *_):
+    return logratio.new_empty(logratio.shape)  # d logratio, in logratio.dtype
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     logratio, is_real, sample_weight, alpha, beta, reduction = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(logratio, is_real, sample_weight, output[1])
+    ctx.save_for_backward(logratio, is_real, sample_weight, output[1])  # [1]: group_scale
     ctx.params = (alpha, beta, reduction)
 
 
-def _make_backward(bwd):
-    def backward(ctx: Any, grad_out: torch.Tensor, _grad_norm: Any) -> tuple:
-        logratio, is_real, sample_weight, norm = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = bwd(grad_out, logratio, is_real, sample_weight, norm, *ctx.params)
-            grad = grad.to(logratio.dtype)
-        return grad, None, None, None, None, None
-
-    return backward
+def _backward(bwd: Any, ctx: Any, grad_out: torch.Tensor, _grad_group_scale: Any) -> tuple:
+    grad = bwd(grad_out, *ctx.saved_tensors, *ctx.params) if ctx.needs_input_grad[0] else None
+    return grad, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    _FWD, _make_backward(torch.ops.ddo_fast.ddo_loss_bwd), setup_context=_setup_context
+SPEC = register_op(
+    "ddo_loss", fake_fwd=_fwd_fake, fake_bwd=_bwd_fake, setup_context=_setup_context,
+    backward=_backward, triton=_triton.ddo_loss
 )
-
-
-@torch.library.register_kernel(_FWD, "cuda")
-def _fwd_cuda(*args):
-    from ..kernels import ddo_loss as kernels
-
-    return kernels.forward(*args)
-
-
-@torch.library.register_kernel(_BWD, "cuda")
-def _bwd_cuda(*args):
-    from ..kernels import ddo_loss as kernels
-
-    return kernels.backward(*args)
-
-
-@functools.cache  # one Function class per process, built on first use
-def _interpreter_function() -> type[torch.autograd.Function]:
-    from ..kernels import ddo_loss as kernels
-
-    return interpreter_function(
-        "DDOLossTritonInterpret", kernels.forward, _setup_context, _make_backward(kernels.backward)
-    )
 
 
 def ddo_loss(
@@ -107,7 +83,7 @@ def ddo_loss(
         raise ValueError(f"ddo_fast: `logratio` must have shape [B], got {list(logratio.shape)}")
     code = check_loss_args(is_real, sample_weight, logratio.shape[0], logratio.device, reduction)
     route = resolve_backend(backend, logratio.device)
-    if route == "torch":
+    if route == TORCH:
         return reference.ddo_loss_ref(
             logratio,
             is_real,
@@ -116,8 +92,5 @@ def ddo_loss(
             sample_weight=sample_weight,
             reduction=reduction,
         )
-    sw = None if sample_weight is None else sample_weight.detach()
-    args = (logratio, is_real, sw, float(alpha), float(beta), code)
-    if route == "triton-interpret":
-        return _interpreter_function().apply(*args)[0]
-    return torch.ops.ddo_fast.ddo_loss_fwd(*args)[0]
+    args = (logratio, is_real, constant(sample_weight), float(alpha), float(beta), code)
+    return SPEC.run(route, *args)[0]
