@@ -11,6 +11,8 @@ FULL = QUICK + [
     ((1, 680, 4096), torch.float32),
     ((32, 680, 4096), torch.float32),
     ((8, 680, 4096), torch.bfloat16),
+    ((16, 680, 4096), torch.float32),
+    ((16, 680, 4096), torch.bfloat16),
 ]
 PROVIDERS = ["eager", "cross_entropy", "compile", "ddo_fast"]
 

@@ -7,7 +7,12 @@ from conftest import DEVICE
 from ddo_fast.bench.cases import token_case
 
 QUICK = [((8, 680, 4096), torch.float32)]
-FULL = QUICK + [((8, 680, 4096), torch.bfloat16), ((32, 680, 4096), torch.float32)]
+FULL = QUICK + [
+    ((8, 680, 4096), torch.bfloat16),
+    ((16, 680, 4096), torch.float32),
+    ((16, 680, 4096), torch.bfloat16),
+    ((32, 680, 4096), torch.float32),
+]
 PROVIDERS = ["eager", "cross_entropy", "compile", "ddo_fast"]
 
 

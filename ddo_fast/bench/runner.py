@@ -1,11 +1,23 @@
 """``ddo-fast bench``: the benchmark suite as one command, with a table, JSON, CSV and a plot.
 
-Every run first measures the machine's copy bandwidth (bytes read + written by a large copy),
-then for every case and provider: the forward+backward time (median and inter-quartile range
-over rounds; CUDA events on GPU, a wall clock on CPU), GB/s over the case's minimum bytes and its
-share of the copy bandwidth, the speed-up against eager PyTorch and torch.compile, and the peak
-extra memory of one step (CUDA: ``max_memory_allocated`` delta; CPU: the peak-RSS delta of a
-child process that builds the inputs, resets its peak via /proc/self/clear_refs and runs the step).
+For every case (one op, shape and dtype) and provider (eager, cross_entropy, compile, ddo_fast):
+
+1. the *cold* first call is timed, and its value and gradient are checked against ``eager``'s
+   (every provider must compute the same thing; a mismatch is reported in the ``check`` column);
+2. two clocks (see ``timing.py``): ``wall`` (host time included; on CUDA eager calls in batches
+   with one synchronize per batch) and, on CUDA, ``graph`` (CUDA-graph replay, device time),
+   each as p50 and p95; no sample finds its inputs in a cache: inputs rotate over sets holding
+   >= 4x the last-level cache, and the L2 is flushed before each graph replay / wall batch;
+3. a copy of the case's own ``min_bytes``, timed with the same clock, sizes and rotation, so that
+   "% of copy" compares like with like (GB/s and % copy use the graph clock on CUDA, the wall
+   clock on CPU);
+4. the speed-ups against eager and torch.compile in every clock, and the peak extra memory of
+   one step (CUDA: ``max_memory_allocated`` delta; CPU: the peak-RSS delta of a child process
+   that builds the inputs, resets its peak via /proc/self/clear_refs and runs the step);
+5. on CPU, for token/AR cases, the byte+exp floor twice (``floor_touched``: output written to
+   memory already touched; ``floor_fresh``: to a fresh allocation).
+
+The JSON records the method of every number (``meta.methods`` and per row ``bandwidth_clock``).
 """
 
 from __future__ import annotations
@@ -17,65 +29,64 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import cases as C
+from . import timing as T
 
 F32, BF16 = torch.float32, torch.bfloat16
+VAR = (680, 4096)  # VAR-d16/d30 token sequence length and codebook size
 
-# (kind, shape, dtype): shapes of real models (CIFAR-10, ImageNet-64, EDM2 latents; VAR-d16/d30).
+# (kind, shape, dtype): shapes of real models (CIFAR-10, ImageNet-64, EDM2 latents; VAR).
 QUICK = [
     ("diffusion", (64, 3, 32, 32), F32),
     ("diffusion", (64, 4, 64, 64), F32),
-    ("token", (8, 680, 4096), F32),
-    ("ar", (8, 680, 4096), F32),
-    ("ar", (8, 680, 4096), BF16),
+    ("token", (8, *VAR), F32),
+    ("ar", (8, *VAR), F32),
+    ("ar", (8, *VAR), BF16),
 ]
 FULL = QUICK + [
     ("diffusion", (64, 3, 64, 64), F32),
     ("diffusion", (64, 4, 64, 64), BF16),
     ("diffusion", (256, 3, 32, 32), F32),
-    ("ar", (1, 680, 4096), F32),
-    ("ar", (32, 680, 4096), F32),
-    ("token", (8, 680, 4096), BF16),
+    ("ar", (1, *VAR), F32),
+    ("ar", (16, *VAR), F32),
+    ("ar", (16, *VAR), BF16),
+    ("token", (8, *VAR), BF16),
+    ("token", (16, *VAR), F32),
+    ("token", (16, *VAR), BF16),
+]
+# CUDA, most important first (a run cut short by a time limit keeps the head of the list):
+# the headline diffusion shape, then the VAR training-step shapes (B = 16 and 64).
+CUDA_QUICK = [
+    ("diffusion", (64, 4, 64, 64), F32),
+    ("ar", (16, *VAR), BF16),
+    ("token", (16, *VAR), BF16),
+]
+CUDA_FULL = CUDA_QUICK + [
+    ("ar", (16, *VAR), F32),
+    ("token", (16, *VAR), F32),
+    ("ar", (64, *VAR), BF16),
+    ("ar", (64, *VAR), F32),
+    ("token", (64, *VAR), BF16),
+    ("token", (64, *VAR), F32),
+    ("ar", (8, *VAR), F32),
+    ("diffusion", (64, 4, 64, 64), BF16),
+    ("diffusion", (512, 3, 32, 32), F32),
+    ("diffusion", (256, 4, 64, 64), BF16),
 ]
 MAKERS = {"diffusion": C.diffusion_case, "ar": C.ar_case, "token": C.token_case}
+TOLERANCE = {F32: 1e-3, BF16: 3e-2}  # relative L2 error of value and gradient vs eager
+REFERENCE = "eager"
 
 
-def _timer(device: str, rounds: int) -> Callable[[Callable[[], object]], list[float]]:
-    def cpu(fn):
-        fn()
-        out = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-        return out
-
-    def cuda(fn):
-        fn()
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(rounds):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) / 1e3)
-        return out
-
-    return cuda if device == "cuda" else cpu
-
-
-def _quantiles(samples: list[float]) -> tuple[float, float, float]:
-    s = sorted(samples)
-    pick = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]  # noqa: E731
-    return pick(0.25), pick(0.5), pick(0.75)
+def suite(device: str, quick: bool) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    if device == "cuda":
+        return CUDA_QUICK if quick else CUDA_FULL
+    return QUICK if quick else FULL
 
 
 def _rss_bytes(field: str) -> int:
@@ -110,7 +121,7 @@ def _peak_extra(case: C.Case, kind: str, providers: list[str]) -> dict[str, floa
     if case.device == "cuda":
         out = {}
         for name in providers:
-            step = case.providers[name]
+            step = case.step(name)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -145,6 +156,8 @@ def machine_info(device: str) -> dict:
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": device,
+        "cache_bytes": T.cache_bytes(device),
+        "cache": "GPU L2" if device == "cuda" else "CPU last-level cache",
     }
     try:
         import triton
@@ -164,79 +177,272 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def _rel_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both are missing)."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
+    if a.shape != b.shape:
+        return float("inf")
+    a64, b64 = a.detach().double(), b.detach().double()
+    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-30))
+
+
+def check_outputs(outputs: dict[str, tuple], dtype: torch.dtype) -> dict[str, str]:
+    """``ok`` or a mismatch message per provider, comparing (value, grad) with eager's."""
+    if REFERENCE not in outputs:
+        return dict.fromkeys(outputs, "unchecked")
+    ref_value, ref_grad = outputs[REFERENCE]
+    tol = TOLERANCE.get(dtype, 3e-2)
+    result = {}
+    for name, (value, grad) in outputs.items():
+        ev, eg = _rel_err(value, ref_value), _rel_err(grad, ref_grad)
+        ok = ev <= tol and eg <= tol
+        result[name] = "ok" if ok else f"MISMATCH value {ev:.1e} grad {eg:.1e} (tol {tol:.0e})"
+    return result
+
+
+class _Clocks:
+    """The clocks of one run (shared flush buffer on CUDA)."""
+
+    def __init__(self, device: str, rounds: int, batch: int) -> None:
+        self.device, self.rounds, self.batch = device, rounds, batch
+        self.flush = T.Flusher() if device == "cuda" else None
+
+    def measure(self, case: C.Case, name: str) -> dict[str, float]:
+        steps = [case.step(name, i) for i in range(len(case.sets))]
+        steps = steps[1:] + steps[:1]  # the first timed call is on a set not used just before
+        out = {}
+        min_seconds = 0.5 if self.device == "cpu" else 0.0  # more samples where they are cheap
+        wall = T.wall(steps, self.device, self.rounds, self.batch, self.flush, 2, min_seconds)
+        out |= {f"wall_{k}": v for k, v in T.summary(wall).items()}
+        if self.flush is not None:
+            try:
+                samples = T.graph(case.step(name), self.rounds, self.flush)
+            except Exception as exc:  # a step that cannot be captured keeps its wall clock
+                out["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                samples = []
+            out |= {f"graph_{k}": v for k, v in T.summary(samples).items()}
+        return out
+
+    @property
+    def bandwidth_clock(self) -> str:
+        return "graph" if self.flush is not None else "wall"
+
+    def methods(self) -> dict[str, str]:
+        m = {
+            "wall": T.WALL_METHOD[self.device].format(batch=self.batch, rounds=self.rounds),
+            "cold": T.COLD_METHOD,
+            "copy": "a copy of the case's min_bytes (half read, half written), same clock, "
+            "same rotation over sets >= 4x cache",
+            "bandwidth": f"GB/s = min_bytes / p50 of the {self.bandwidth_clock} clock; "
+            "% copy = copy p50 / op p50 on that clock",
+            "percentiles": "nearest rank over the samples",
+        }
+        if self.flush is not None:
+            m["graph"] = T.GRAPH_METHOD.format(flush_mb=self.flush.nbytes >> 20)
+        return m
+
+
+def _time_case(
+    case: C.Case, clocks: _Clocks, log: Callable[[str], None]
+) -> dict[str, dict[str, float | str]]:
+    """Cold call, output check, then both clocks, for every provider of ``case``."""
+    stats: dict[str, dict] = {}
+    outputs = {}
+    for name in case.fns:
+        seconds, out = T.cold(case.step(name), case.device)
+        stats[name] = {"cold_ms": seconds * 1e3}
+        outputs[name] = out
+    checks = check_outputs(outputs, case.dtype) if case.checked else dict.fromkeys(outputs, "n/a")
+    del outputs
+    for name in case.fns:
+        stats[name]["check"] = checks[name]
+        if checks[name].startswith("MISMATCH"):
+            log(f"  {case.name} {name}: {checks[name]}")
+        stats[name] |= clocks.measure(case, name)
+    return stats
+
+
+def _row(case: C.Case, name: str, s: dict, copy: dict, clock: str, kind: str) -> dict:
+    t = s.get(f"{clock}_p50_ms", float("nan"))
+    t_copy = copy.get(f"{clock}_p50_ms", float("nan"))
+    row = {
+        "case": case.name,
+        "op": case.op,
+        "kind": kind,
+        "shape": list(case.shape),
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "provider": name,
+        "sets": len(case.sets),
+        "set_MB": case.set_bytes / 2**20,
+        "min_MB": case.min_bytes / 2**20,
+        "bandwidth_clock": clock,
+        "GBps": case.min_bytes / t * 1e3 / 1e9,
+        "copy_GBps": case.min_bytes / t_copy * 1e3 / 1e9,
+        "pct_copy": 100 * t_copy / t,
+    } | s
+    row["median_ms"] = row["wall_p50_ms"]  # the name used by older bench.json files
+    if "graph_p50_ms" in row:
+        row["wall_over_graph"] = row["wall_p50_ms"] / row["graph_p50_ms"]
+    return row
+
+
+def _ratios(rows: list[dict]) -> None:
+    for clock in ("wall", "graph"):
+        key = f"{clock}_p50_ms"
+        base = {r["provider"]: r[key] for r in rows if r["kind"] == "op" and key in r}
+        for r in rows:
+            if r["kind"] != "op" or key not in r:
+                continue
+            for ref in ("eager", "compile"):
+                if ref in base:
+                    r[f"x_{ref}_{clock}"] = base[ref] / r[key]
+
+
 def run(
     quick: bool = False,
     device: str | None = None,
     rounds: int | None = None,
     memory: bool = True,
     log: Callable[[str], None] = print,
+    out: Path | None = None,
+    batch: int | None = None,
+    cases: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
 ) -> dict:
-    """Run the suite; returns ``{"meta": ..., "rows": [...]}``."""
+    """Run the suite; returns ``{"meta": ..., "rows": [...]}``. With ``out``, the results so far
+    are written to ``out/bench.partial.json`` after every case (a run cut short keeps them)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rounds = rounds or (5 if device == "cpu" else 50)
-    timer = _timer(device, rounds)
-    copy_gbs = C.copy_bandwidth(
-        device, lambda fn: _quantiles(timer(fn))[1], 1 << (28 if device == "cpu" else 30)
+    batch = batch or (1 if device == "cpu" else 10)
+    # One static compile per case: more cases than dynamo's default recompile limit.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
+    clocks = _Clocks(device, rounds, batch)
+    cache = T.cache_bytes(device)
+    meta = machine_info(device) | {
+        "rounds": rounds,
+        "batch": batch,
+        "quick": quick,
+        "methods": clocks.methods(),
+        "tolerance": {str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()},
+    }
+    log(
+        f"{meta.get('gpu') or meta.get('cpu')}: {meta['cache']} {cache / 2**20:.0f} MiB; "
+        f"percentiles over {rounds} samples"
     )
-    meta = machine_info(device) | {"copy_GBps": copy_gbs, "rounds": rounds, "quick": quick}
-    log(f"copy bandwidth {copy_gbs:.1f} GB/s on {meta.get('gpu') or meta.get('cpu')}")
-    rows = []
-    for kind, shape, dtype in QUICK if quick else FULL:
-        case = MAKERS[kind](shape, dtype, device)
-        medians = {}
-        # On CPU, memory is measured in one child per case; --quick leaves torch.compile out of
-        # it (its compile in the child would dominate the run).
-        mem_providers = [p for p in case.providers if not (quick and p == "compile")]
-        peaks = _peak_extra(case, kind, mem_providers) if memory else {}
-        for name, step in case.providers.items():
-            q1, med, q3 = _quantiles(timer(step))
-            medians[name] = med
-            gbs = case.min_bytes / med / 1e9
-            row = {
-                "case": case.name,
-                "op": case.op,
-                "shape": list(shape),
-                "dtype": str(dtype).removeprefix("torch."),
-                "provider": name,
-                "median_ms": med * 1e3,
-                "iqr_ms": (q3 - q1) * 1e3,
-                "GBps": gbs,
-                "pct_copy": 100 * gbs / copy_gbs,
-                "min_MB": case.min_bytes / 2**20,
-            }
-            if memory:
-                row["peak_extra_MB"] = peaks.get(name, float("nan"))
-            rows.append(row)
-            log(f"  {case.name:36} {name:14} {med * 1e3:9.2f} ms")
-        for row in rows:
-            if row["case"] == case.name:
-                for ref in ("eager", "compile"):
-                    if ref in medians:
-                        row[f"x_vs_{ref}"] = medians[ref] / (row["median_ms"] / 1e3)
-        del case
+    rows: list[dict] = []
+    for kind, shape, dtype in cases or suite(device, quick):
+        try:
+            rows += _run_case(kind, shape, dtype, device, clocks, cache, memory, quick, log)
+        except Exception as exc:  # one failing case must not lose the others
+            log(f"  {kind}{list(shape)} {dtype} FAILED: {type(exc).__name__}: {exc}")
+            rows.append({"case": f"{kind}{list(shape)}", "kind": "error", "error": repr(exc)[:500]})
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            partial = {"meta": meta, "rows": rows}
+            (out / "bench.partial.json").write_text(json.dumps(partial, indent=1))
     return {"meta": meta, "rows": rows}
 
 
+def _run_case(kind, shape, dtype, device, clocks, cache, memory, quick, log) -> list[dict]:
+    case = MAKERS[kind](shape, dtype, device)
+    n_sets = C.sets_for(case.set_bytes, cache)
+    if n_sets > 1:
+        case = MAKERS[kind](shape, dtype, device, sets=n_sets)
+    copy = C.copy_case(case.min_bytes, device)
+    copy = C.copy_case(case.min_bytes, device, sets=C.sets_for(copy.set_bytes, cache))
+    copy_stats = _time_case(copy, clocks, log)["copy"]
+    # On CPU, memory is measured in one child per case; --quick leaves torch.compile out of
+    # it (its compile in the child would dominate the run).
+    stats = _time_case(case, clocks, log)  # first: its cold calls are the process's first
+    mem_providers = [p for p in case.fns if not (quick and device == "cpu" and p == "compile")]
+    peaks = _peak_extra(case, kind, mem_providers) if memory else {}
+    clock = clocks.bandwidth_clock
+    rows = []
+    for name, s in stats.items():
+        row = _row(case, name, s, copy_stats, clock, "op")
+        if memory:
+            row["peak_extra_MB"] = peaks.get(name, float("nan"))
+        rows.append(row)
+    rows.append(_row(copy, "copy", copy_stats, copy_stats, clock, "copy") | {"case": case.name})
+    if device == "cpu" and kind in ("token", "ar"):
+        floor = C.floor_case(shape, dtype, device, sets=len(case.sets))
+        for name, s in _time_case(floor, clocks, log).items():
+            rows.append(_row(floor, name, s, copy_stats, clock, "floor") | {"case": case.name})
+    _ratios(rows)
+    for r in rows:
+        graph = f" graph {r['graph_p50_ms']:8.3f}" if "graph_p50_ms" in r else ""
+        log(
+            f"  {case.name:36} {r['provider']:14} wall {r['wall_p50_ms']:9.3f} ms{graph}"
+            f" cold {r['cold_ms']:9.1f} {r['check']}"
+        )
+    return rows
+
+
+def _fmt(value: object, width: int, prec: int) -> str:
+    if isinstance(value, float | int):
+        return f"{value:{width}.{prec}f}"
+    return f"{'n/a' if value is None else value:>{width}}"
+
+
 def format_table(result: dict, previous: dict | None = None) -> str:
+    """One line per case and provider; graph columns only when the run had a graph clock."""
+    rows = [r for r in result["rows"] if r.get("kind") != "error"]
     prev = {}
     if previous:
-        prev = {(r["case"], r["provider"]): r["median_ms"] for r in previous["rows"]}
-    head = (
-        f"{'case':36} {'provider':14} {'median ms':>10} {'IQR':>7} {'GB/s':>7} {'%copy':>6} "
-        f"{'x eager':>7} {'x comp':>6} {'peak MB':>8}" + (f" {'x prev':>7}" if prev else "")
-    )
+        for r in previous["rows"]:
+            t = r.get("wall_p50_ms", r.get("median_ms"))
+            if t:
+                prev[(r["case"], r["provider"])] = t
+    graph = any("graph_p50_ms" in r for r in rows)
+    cols = [("case", 36, None), ("provider", 14, None)]
+    if graph:
+        cols += [("graph_p50_ms", 9, 3), ("graph_p95_ms", 9, 3)]
+    cols += [("wall_p50_ms", 9, 3), ("wall_p95_ms", 9, 3), ("cold_ms", 9, 1)]
+    cols += [("GBps", 7, 1), ("pct_copy", 6, 1)]
+    for clock in ("graph", "wall") if graph else ("wall",):
+        cols += [(f"x_eager_{clock}", 7, 2), (f"x_compile_{clock}", 7, 2)]
+    if graph:
+        cols += [("wall_over_graph", 6, 1)]
+    cols += [("peak_extra_MB", 8, 1)]
+    titles = {
+        "graph_p50_ms": "graph p50",
+        "graph_p95_ms": "graph p95",
+        "wall_p50_ms": "wall p50",
+        "wall_p95_ms": "wall p95",
+        "cold_ms": "cold ms",
+        "GBps": "GB/s",
+        "pct_copy": "%copy",
+        "x_eager_graph": "xeag gr",
+        "x_compile_graph": "xcmp gr",
+        "x_eager_wall": "xeag wl",
+        "x_compile_wall": "xcmp wl",
+        "wall_over_graph": "wl/gr",
+        "peak_extra_MB": "peak MB",
+    }
+    head = " ".join(f"{titles.get(k, k):{'<' if p is None else '>'}{w}}" for k, w, p in cols)
+    head += " check" + (f" {'x prev':>7}" if prev else "")
     lines = [head, "-" * len(head)]
-    nan = float("nan")
-    for r in result["rows"]:
-        line = (
-            f"{r['case']:36} {r['provider']:14} {r['median_ms']:10.2f} {r['iqr_ms']:7.2f} "
-            f"{r['GBps']:7.1f} {r['pct_copy']:6.1f} {r.get('x_vs_eager', nan):7.2f} "
-            f"{r.get('x_vs_compile', nan):6.2f} {r.get('peak_extra_MB', nan):8.1f}"
-        )
+    for r in rows:
+        parts = []
+        for key, width, prec in cols:
+            value = r.get(key)
+            parts.append(f"{value:<{width}}" if prec is None else _fmt(value, width, prec))
+        line = " ".join(parts) + f" {r.get('check', '')}"
         if prev:
             old = prev.get((r["case"], r["provider"]))
-            line += f" {old / r['median_ms'] if old else nan:7.2f}"
+            line += f" {old / r['wall_p50_ms'] if old else float('nan'):7.2f}"
         lines.append(line)
+    meta = result["meta"]
+    lines.append("")
+    lines += [f"{k}: {v}" for k, v in meta.get("methods", {}).items()]
+    for r in result["rows"]:
+        if r.get("kind") == "error":
+            lines.append(f"FAILED {r['case']}: {r['error']}")
     return "\n".join(lines)
 
 
@@ -249,7 +455,8 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for r in result["rows"]:
-            writer.writerow(r | {"shape": "x".join(map(str, r["shape"]))})
+            shape = r.get("shape")
+            writer.writerow(r | ({"shape": "x".join(map(str, shape))} if shape else {}))
     png = plot(result, out / "bench.png")
     if png:
         paths.append(png)
@@ -257,7 +464,7 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    """Time and peak memory per provider for every case (needs matplotlib)."""
+    """p50 time (graph clock where there is one, else wall) and peak memory per provider."""
     try:
         import matplotlib
 
@@ -265,23 +472,26 @@ def plot(result: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r.get("kind") in ("op", "copy")]
+    if not rows:
+        return None
     cases = list(dict.fromkeys(r["case"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(cases)), 8), sharex=True)
     width = 0.8 / len(providers)
+    clock = rows[0]["bandwidth_clock"]
     for i, prov in enumerate(providers):
         xs, ts, ms = [], [], []
         for j, case in enumerate(cases):
             match = [r for r in rows if r["case"] == case and r["provider"] == prov]
             if match:
                 xs.append(j + i * width)
-                ts.append(match[0]["median_ms"])
+                ts.append(match[0].get(f"{clock}_p50_ms", float("nan")))
                 ms.append(match[0].get("peak_extra_MB", float("nan")))
         axes[0].bar(xs, ts, width, label=prov)
         axes[1].bar(xs, ms, width, label=prov)
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("forward+backward median (ms, log)")
+    axes[0].set_ylabel(f"forward+backward p50, {clock} clock (ms, log)")
     axes[1].set_ylabel("peak extra memory (MiB)")
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     axes[1].set_xticklabels(cases, rotation=25, ha="right", fontsize=8)

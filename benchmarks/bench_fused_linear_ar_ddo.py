@@ -1,0 +1,258 @@
+"""Fused-linear AR DDO loss (hidden + head weight in) vs the unfused path (linear, then the fused
+``ar_ddo_loss``): peak extra memory and forward+backward time.
+
+As a script (``python benchmarks/bench_fused_linear_ar_ddo.py [--reps 7] [--json out.json]``)
+it prints a table and writes JSON; under pytest-benchmark (``pytest benchmarks/
+--benchmark-only``) it times the same two providers like the other ``bench_*.py``.
+
+Memory (CPU): each (shape, provider) runs in a fresh child process with glibc told to serve
+every allocation above 64 KiB by mmap and to return freed memory at once
+(``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), so that RSS follows the live tensors
+instead of a heap that keeps freed pages. The child builds the inputs, runs one untimed warm-up
+step, frees its outputs, resets the peak RSS (``/proc/self/clear_refs``), runs one step and
+reports ``VmHWM - VmRSS before``. ``extra`` subtracts the bytes of the gradients the step returns
+(the same for both providers), leaving what the loss itself holds: the unfused path's [N, V]
+logits and their gradient, or the fused path's chunk. On CUDA: ``max_memory_allocated`` delta.
+
+Time: both providers alternate (ABAB...) so that load from other processes falls on both; the
+table gives p50 and the spread, with the machine's load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ddo_fast
+from ddo_fast.bench.cases import Case
+
+F32 = torch.float32
+# (B, L, H, V): VAR-d16's token grid with a 1024-wide head over its 4096 codes, and a Llama 3
+# vocabulary at a short batch.
+MEMORY_SHAPES = [(8, 680, 1024, 4096), (2, 1024, 512, 128256)]
+TIME_SHAPES = [(8, 680, 1024, 4096)]
+PROVIDERS = ("unfused", "fused")
+MEMORY_TARGET, TIME_TARGET = 0.15, 1.3  # fused / unfused
+
+QUICK = [((8, 680, 1024, 4096), F32)]
+FULL = QUICK + [((2, 1024, 512, 128256), F32), ((8, 680, 1024, 4096), torch.bfloat16)]
+
+
+def make_inputs(shape, dtype=F32, device="cpu", seed=0):
+    batch, length, size, vocab = shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(batch, length, size, generator=gen).to(device, dtype)
+    weight = (torch.randn(vocab, size, generator=gen) / size**0.5).to(device, dtype)
+    targets = torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+    ref = (torch.randn(batch, generator=gen) - length * 8.0).to(device)
+    is_real = (torch.arange(batch) % 2 == 0).to(device)
+    return hidden.requires_grad_(), weight.requires_grad_(), targets, ref, is_real
+
+
+def unfused(hidden, weight, targets, ref, is_real):
+    """The path a user writes today: the head's linear, then the fused ar_ddo_loss."""
+    logits = hidden @ weight.t()
+    loss = ddo_fast.ar_ddo_loss(logits, targets, ref, is_real, beta=0.02)
+    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+
+def fused(hidden, weight, targets, ref, is_real):
+    loss = ddo_fast.fused_linear_ar_ddo_loss(hidden, weight, targets, ref, is_real, beta=0.02)
+    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+
+STEPS = {"unfused": unfused, "fused": fused}
+
+
+def make_case(shape, dtype, device) -> Case:
+    inputs = make_inputs(shape, dtype, device)
+    hidden, weight = inputs[:2]
+    io = 2 * (hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size())
+    return Case("fused_linear_ar_ddo", shape, dtype, device, io, io, [inputs], dict(STEPS))
+
+
+# ---------------------------------------------------------------------------------- memory
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def memory_child(provider: str, shape: tuple[int, ...], dtype: str) -> dict:
+    """Runs in the child process; returns the peak RSS growth of one step and its grad bytes."""
+    inputs = make_inputs(shape, getattr(torch, dtype))
+    step = STEPS[provider]
+    out = step(*inputs)  # warm-up: lazy initialisation, first touch of the inputs
+    grad_bytes = sum(t.numel() * t.element_size() for t in out[1:])
+    del out
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _rss("VmRSS")
+    step(*inputs)
+    return {"peak": _rss("VmHWM") - base, "grad_bytes": grad_bytes}
+
+
+def peak_memory(provider: str, shape, dtype=F32) -> dict:
+    if torch.cuda.is_available():
+        inputs = make_inputs(shape, dtype, "cuda")
+        STEPS[provider](*inputs)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = STEPS[provider](*inputs)
+        torch.cuda.synchronize()
+        grad_bytes = sum(t.numel() * t.element_size() for t in out[1:])
+        return {"peak": torch.cuda.max_memory_allocated() - base, "grad_bytes": grad_bytes}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    code = (
+        "import json, sys; sys.path.insert(0, {here!r}); "
+        "from bench_fused_linear_ar_ddo import memory_child; "
+        "print(json.dumps(memory_child({p!r}, {s!r}, {d!r})))"
+    ).format(
+        here=os.path.dirname(os.path.abspath(__file__)),
+        p=provider,
+        s=tuple(shape),
+        d=str(dtype).removeprefix("torch."),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800
+    )
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ time
+def time_providers(shape, dtype=F32, reps=7) -> tuple[dict, dict]:
+    """(wall, cpu) seconds per rep and provider; cpu = this process's CPU time (all threads),
+    less sensitive than wall time to other processes competing for the cores."""
+    inputs = make_inputs(shape, dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    wall: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+    cpu: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+    for p in PROVIDERS:  # warm-up
+        STEPS[p](*inputs)
+    for _ in range(reps):
+        for p in PROVIDERS:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = STEPS[p](*inputs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall[p].append(time.perf_counter() - t0)
+            cpu[p].append(time.process_time() - c0)
+            del out
+    return wall, cpu
+
+
+def machine() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info["cpu"] = next(
+            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln),
+            platform.processor(),
+        )
+    except OSError:
+        info["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--json", default="fused_linear_ar_ddo.json")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-time", action="store_true")
+    args = parser.parse_args(argv)
+    info = machine()
+    result: dict = {"machine": info, "load_before": _load(), "memory": [], "time": []}
+    print(
+        f"CPU: {info['cpu']} ({info['cpus']} CPUs, torch threads {info['threads']}), "
+        f"torch {info['torch']}; load average {result['load_before']}"
+    )
+    mib = 2**20
+    if not args.skip_memory:
+        print("\npeak extra memory of one forward+backward (MiB; extra = peak - returned grads)")
+        print(
+            f"{'shape (B,L,H,V)':>24} {'unfused':>9} {'(extra)':>9} {'fused':>9} {'(extra)':>9}"
+            f" {'ratio':>7} {'target':>7}"
+        )
+        for shape in MEMORY_SHAPES:
+            row = {p: peak_memory(p, shape) for p in PROVIDERS}
+            extra = {p: row[p]["peak"] - row[p]["grad_bytes"] for p in PROVIDERS}
+            ratio = extra["fused"] / extra["unfused"]
+            result["memory"].append(
+                {"shape": shape, "dtype": "float32", **row, "extra": extra, "ratio": ratio}
+            )
+            print(
+                f"{str(shape):>24} {row['unfused']['peak'] / mib:9.1f} "
+                f"{extra['unfused'] / mib:9.1f} {row['fused']['peak'] / mib:9.1f} "
+                f"{extra['fused'] / mib:9.1f} {ratio:7.3f} {'<=' + str(MEMORY_TARGET):>7}"
+            )
+    if not args.skip_time:
+        print(f"\nforward+backward time, {args.reps} alternating reps (s): wall and process CPU")
+        print(
+            f"{'shape (B,L,H,V)':>24} {'clock':>5} {'unfused p50':>12} {'fused p50':>10} "
+            f"{'ratio p50':>10} {'pair ratios':>14} {'target':>7}"
+        )
+        for shape in TIME_SHAPES:
+            clocks = dict(zip(("wall", "cpu"), time_providers(shape, reps=args.reps), strict=True))
+            entry: dict = {"shape": shape, "dtype": "float32"}
+            for clock, times in clocks.items():
+                med = {p: statistics.median(times[p]) for p in PROVIDERS}
+                pairs = sorted(f / u for f, u in zip(times["fused"], times["unfused"], strict=True))
+                entry[clock] = {
+                    "times": times,
+                    "p50": med,
+                    "ratio_p50": med["fused"] / med["unfused"],
+                    "pair_ratios": pairs,
+                }
+                print(
+                    f"{str(shape):>24} {clock:>5} {med['unfused']:12.3f} {med['fused']:10.3f} "
+                    f"{med['fused'] / med['unfused']:10.3f} "
+                    f"{pairs[0]:6.3f}-{pairs[-1]:<7.3f} {'<=' + str(TIME_TARGET):>7}"
+                )
+            result["time"].append(entry)
+    result["load_after"] = _load()
+    print(f"\nload average after: {result['load_after']}")
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+# ------------------------------------------------------------------------- pytest-benchmark
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_fused_linear_ar_ddo(run_case, shape_dtype, provider):
+    from conftest import DEVICE
+
+    run_case(make_case(*shape_dtype, DEVICE), provider)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The benchmark runner: every provider's output is checked, every row carries both percentiles,
+the cold call and its method, and a provider computing something else is caught."""
+
+import math
+
+import torch
+
+from ddo_fast.bench import cases as C
+from ddo_fast.bench import runner, timing
+
+TINY = [
+    ("diffusion", (4, 3, 8, 8), torch.float32),
+    ("token", (2, 5, 33), torch.bfloat16),
+    ("ar", (4, 5, 33), torch.float32),
+]
+
+
+def _no_compile(monkeypatch):
+    """torch.compile costs seconds per case on CPU; the eager function stands in for it."""
+    monkeypatch.setattr(C, "compiled", lambda fn: fn)
+
+
+def test_run_rows_have_both_percentiles_cold_and_method(monkeypatch, tmp_path):
+    _no_compile(monkeypatch)
+    result = runner.run(device="cpu", rounds=3, memory=False, cases=TINY, log=lambda s: None)
+    rows = result["rows"]
+    ops = [r for r in rows if r["kind"] == "op"]
+    assert {r["provider"] for r in ops} == {"eager", "cross_entropy", "compile", "ddo_fast"}
+    for r in ops:
+        assert r["check"] == "ok", r
+        assert r["wall_p50_ms"] <= r["wall_p95_ms"]
+        assert r["cold_ms"] > 0 and r["bandwidth_clock"] == "wall"
+        assert math.isfinite(r["pct_copy"]) and math.isfinite(r["x_eager_wall"])
+    kinds = {r["case"]: {x["kind"] for x in rows if x["case"] == r["case"]} for r in ops}
+    assert kinds["ar_ddo[4x5x33,float32]"] == {"op", "copy", "floor"}
+    assert kinds["diffusion_ddo[4x3x8x8,float32]"] == {"op", "copy"}
+    assert {"wall", "cold", "copy", "bandwidth"} <= set(result["meta"]["methods"])
+    table = runner.format_table(result)
+    assert "wall p95" in table and "cold ms" in table and "floor_fresh" in table
+    paths = runner.write_outputs(result, tmp_path)
+    assert (tmp_path / "bench.json").exists() and paths
+
+
+def test_check_catches_a_wrong_gradient():
+    case = C.ar_case((2, 4, 9), torch.float32, "cpu", providers=("eager", "ddo_fast"))
+    outputs = {name: case.step(name)() for name in case.fns}
+    assert set(runner.check_outputs(outputs, torch.float32).values()) == {"ok"}
+    value, grad = outputs["ddo_fast"]
+    outputs["ddo_fast"] = (value, grad * 1.01)
+    assert runner.check_outputs(outputs, torch.float32)["ddo_fast"].startswith("MISMATCH")
+
+
+def test_sets_cover_four_times_the_cache():
+    assert C.sets_for(10, 100) == 40
+    assert C.sets_for(1000, 100) == 1
+    assert C.sets_for(1, 10**9) == 64  # capped
+    assert timing.cache_bytes("cpu") > 0
+
+
+def test_summary_percentiles_nearest_rank():
+    s = timing.summary([i / 1e3 for i in range(1, 101)])
+    assert s["p50_ms"] == 50 and s["p95_ms"] == 95 and s["n"] == 100
