@@ -46,7 +46,12 @@ stage() {
     fi
     local t0=$(date +%s)
     echo "[$name] limit ${limit}s: $*"
-    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    # `timeout` runs programs, not shell functions: run a function in a child bash (exported below).
+    if declare -F "$1" >/dev/null; then
+        timeout -k 10 "$limit" bash -c '"$@"' _ "$@" >"$OUT/$name.log" 2>&1
+    else
+        timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    fi
     local rc=$?
     printf '%s\t%s\t%s\tlimit %s\n' "$name" "$rc" "$(($(date +%s) - t0))" "$limit" >>"$OUT/stages.tsv"
     echo "[$name] rc=$rc in $(($(date +%s) - t0))s"
@@ -85,6 +90,8 @@ build() {
     touch "$OUT/.inplace"
 }
 
+export -f env_info build
+export PY OUT ROOT
 stage env 30 0 env_info
 stage build 120 250 build
 if [ -e "$OUT/.inplace" ]; then export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; fi
