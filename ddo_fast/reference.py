@@ -1,16 +1,31 @@
-"""Plain-PyTorch DDO: the oracle every kernel is tested against, and ``backend="torch"``.
+"""Plain-PyTorch DDO: ``backend="torch"``, and the semantics every backend implements.
 
-Everything is computed in float32, or in float64 when an input is float64 (tests use that as the
-high-precision oracle). Notation (Zheng et al., ICML 2025, Eq. 13):
+Everything is computed in float32, or in float64 when an input is float64; each input is read in
+its own dtype and upcast (no common-dtype cast). Notation (Zheng et al., ICML 2025, Eq. 13):
 
 * per-sample log-ratio ``r_b = log p_theta(x_b) - log p_ref(x_b)``;
-* real sample (from the data):  ``l_b = -w_b * logsigmoid(beta * r_b)``;
-* fake sample (from p_ref):     ``l_b = -alpha * w_b * logsigmoid(-beta * r_b)``;
+* per-sample weight ``c_b = w_b`` (real) or ``alpha * w_b`` (fake), ``w_b = sample_weight_b``
+  or 1;
+* real sample (from the data):  ``l_b = -c_b * logsigmoid(beta * r_b)``;
+* fake sample (from p_ref):     ``l_b = -c_b * logsigmoid(-beta * r_b)``;
 * ``reduction="mean"``: ``sum_real l / n_real + sum_fake l / n_fake`` (an empty group adds 0),
   ``"sum"``: ``sum_b l_b``, ``"none"``: ``l`` of shape [B].
+
+Edge cases, identical on every backend (``torch``, ``cpp``, ``triton``):
+
+* Zero weight: if ``c_b == 0`` the term's loss and its gradient are exactly 0, even when
+  ``beta * r_b`` overflows (``0 * inf`` would be NaN), unless ``r_b`` is NaN: NaN always
+  propagates, to the loss and to the gradient.
+* Targets: any integer dtype (int8/16/32/64, uint8); bool or float targets raise a TypeError;
+  a target outside ``[0, V)`` that is not ``ignore_index`` raises an IndexError on CPU (a
+  device-side assert on CUDA, no host sync).
+* Empty batch (B = 0): the loss is 0 for ``"mean"``/``"sum"`` and a [0] tensor for ``"none"``;
+  log-ratios and log-probs are empty; gradients have the (empty) shape of their input.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +76,12 @@ def ddo_loss_ref(
     dtype = _acc_dtype(logratio, sample_weight)
     r = logratio.to(dtype)
     w = torch.ones_like(r) if sample_weight is None else sample_weight.to(dtype)
-    z = beta * r
-    per_sample = torch.where(is_real, -w * F.logsigmoid(z), -alpha * w * F.logsigmoid(-z))
+    c = torch.where(is_real, w, alpha * w)
+    z = torch.where(is_real, beta * r, -beta * r)
+    # c_b = 0 zeroes the term even where beta * r overflowed to inf (0 * inf = NaN); the where
+    # also routes a zero gradient to the dropped branch. A NaN r_b still propagates.
+    dropped = (c == 0) & ~r.isnan()
+    per_sample = torch.where(dropped, r.new_zeros(()), -c * F.logsigmoid(z))
     return _reduce(per_sample, is_real, reduction)
 
 
@@ -75,7 +94,9 @@ def diffusion_logratio_ref(
     """
     dtype = _acc_dtype(pred, pred_ref, target, weight)
     p, q, t = pred.to(dtype), pred_ref.detach().to(dtype), target.detach().to(dtype)
-    diff = ((p - t).square() - (q - t).square()).reshape(p.shape[0], -1).sum(1)
+    # explicit row length: reshape(B, -1) cannot infer it when B = 0
+    row = math.prod(p.shape[1:])
+    diff = ((p - t).square() - (q - t).square()).reshape(p.shape[0], row).sum(1)
     return -weight.detach().to(dtype) * diff
 
 
@@ -99,25 +120,43 @@ def diffusion_ddo_loss_ref(
 
 
 def assert_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Every target is in [0, vocab) or equals ignore_index. Device-side on CUDA (no host sync;
-    a failure is a device assert), an immediate RuntimeError on CPU; traceable by dynamo."""
-    if targets.numel():
-        valid = (targets == ignore_index) | ((targets >= 0) & (targets < vocab))
-        torch._assert_async(
-            valid.all(),
-            f"ddo_fast: `targets` holds a value outside the vocabulary [0, {vocab}) that is not "
-            f"ignore_index={ignore_index}",
-        )
+    """Every target is in [0, vocab) or equals ignore_index.
+
+    Eager on CPU: an IndexError (reading a CPU tensor is no device sync). On CUDA, and while
+    dynamo traces (a data-dependent ``if`` would break the graph), a device-side assert: no host
+    sync, a RuntimeError on CPU. Works for every integer dtype (compared as int64, so an
+    ignore_index such as -100 never wraps around in uint8).
+    """
+    if not targets.numel():
+        return
+    y = targets.long()
+    valid = ((y == ignore_index) | ((y >= 0) & (y < vocab))).all()
+    message = (
+        f"ddo_fast: `targets` holds a value outside the vocabulary [0, {vocab}) that is not "
+        f"ignore_index={ignore_index}"
+    )
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not valid:
+            raise IndexError(message)
+        return
+    torch._assert_async(valid, message)
 
 
 def token_logprobs_ref(
     logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
 ) -> torch.Tensor:
-    """``log_softmax(logits)[targets]`` [B, L]; 0 where ``targets == ignore_index``."""
+    """``log_softmax(logits)[targets]`` [B, L]; 0 where ``targets == ignore_index``.
+
+    ``targets`` may have any integer dtype; log_softmax is ``(x - max) - log sum exp(x - max)``,
+    so the result keeps full precision at large logit offsets."""
     assert_targets_in_range(targets, logits.shape[-1], ignore_index)
-    valid = targets != ignore_index
-    logp = torch.log_softmax(logits.to(_acc_dtype(logits)), dim=-1)
-    picked = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    y = targets.long()  # gather indexes with int64; comparing in int64 keeps -100 from wrapping
+    valid = y != ignore_index
+    # ignored rows are not read (as in the kernels): a NaN there must not reach the gradient
+    x = logits.to(_acc_dtype(logits))
+    x = torch.where(valid.unsqueeze(-1), x, x.new_zeros(()))
+    logp = torch.log_softmax(x, dim=-1)
+    picked = logp.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, picked.new_zeros(()))
 
 
