@@ -42,42 +42,36 @@ def _loss_demo(out: Path) -> int:
     return 0
 
 
-PRESETS = {
-    "toy2d": "ddo_fast.examples.toy2d",
-    "digits-diffusion": "ddo_fast.examples.digits_diffusion",
-    "digits-ar": "ddo_fast.examples.digits_ar",
-}
-
-
 def _parse_overrides(rest: list[str]) -> dict[str, object]:
-    """``--key value`` pairs; values parsed as Python literals where they are one."""
-    import ast
+    """``--key value`` / ``--key=value`` pairs; values parsed as Python literals where they are
+    one."""
+    from .examples.presets import parse_value
 
     out: dict[str, object] = {}
     it = iter(rest)
     for token in it:
         if not token.startswith("--"):
             raise SystemExit(f"ddo-fast train: expected --key value, got {token!r}")
-        key = token[2:].replace("-", "_")
-        if "=" in key:
-            key, raw = key.split("=", 1)
-        else:
+        key, eq, raw = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
             raw = next(it, None)
             if raw is None:
                 raise SystemExit(f"ddo-fast train: --{key} needs a value")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
+        out[key] = parse_value(raw)
     return out
 
 
 def _run_preset(name: str, out: Path, rest: list[str]) -> int:
-    import importlib
+    from .examples.presets import run_preset, settings
 
-    module = importlib.import_module(PRESETS[name])
+    overrides = _parse_overrides(rest)
+    try:
+        settings(name, **{k: v for k, v in overrides.items() if k != "run_name"})
+    except ValueError as exc:  # an unknown or invalid setting: say which, no traceback
+        raise SystemExit(f"ddo-fast train: {exc}") from exc
     print(f"ddo-fast: preset {name}, writing to {out}")
-    module.run(out, **_parse_overrides(rest))
+    run_preset(name, out, **overrides)
     print(f"ddo-fast: files in {out}")
     return 0
 
@@ -114,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     bench.add_argument("--rounds", type=int, help="timed rounds per case (default 5 CPU, 50 GPU)")
     bench.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
-    train = sub.add_parser("train", help="a preset DDO run: ddo-fast train --preset NAME")
+    from .examples.presets import PRESETS
+
+    train = sub.add_parser(
+        "train",
+        help="a preset DDO run: ddo-fast train --preset NAME [--SETTING VALUE ...]",
+        description="Presets (settings: ddo_fast/examples/presets.py; any TrainConfig field or "
+        "preset option can be overridden with --SETTING VALUE): "
+        + "; ".join(f"{k}: {p.summary}" for k, p in PRESETS.items()),
+    )
     train.add_argument("--preset", required=True, help="one of: " + ", ".join(PRESETS))
     train.add_argument("--out", help="output folder (default: a new folder here)")
     args, rest = parser.parse_known_args(argv)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddo_fast.examples import digits, digits_ar, digits_diffusion
+from ddo_fast.cli import _parse_overrides
+from ddo_fast.examples import digits, digits_ar, digits_diffusion, presets, toy2d
+from ddo_fast.models import CausalTransformer, edm_mlp
 
 
 def test_gaussian_frechet_commuting_closed_form():
@@ -61,16 +63,16 @@ def test_digits_ar_preset_runs_end_to_end(tmp_path):
         fake_samples_per_round=128,
         batch_size=64,
         eval_every=0,
+        control_mle=True,
     )
     assert np.isfinite(res["after"]["fd"]) and (tmp_path / "ddo" / "results.md").exists()
+    assert "MLE control feature FD" in (tmp_path / "ddo" / "results.md").read_text()
     tokens = digits_ar.quantise(torch.tensor([[0.0, 8.0, 16.0]]), 8)
     assert tokens.tolist() == [[0, 4, 7]]
     assert digits_ar.dequantise(tokens, 8)[0].tolist() == pytest.approx([-1.0, 1 / 7, 1.0])
 
 
 def test_transformer_kv_cache_matches_the_full_forward():
-    from ddo_fast.examples.models import CausalTransformer
-
     torch.manual_seed(0)
     m = CausalTransformer(8, 12, 10, dim=32, layers=2).eval()
     labels = torch.arange(6) % 10
@@ -86,3 +88,51 @@ def test_transformer_kv_cache_matches_the_full_forward():
         torch.testing.assert_close(m.head(m.ln(h))[:, 0], full[:, i], rtol=1e-5, atol=1e-5)
         if i + 1 < 12:
             x = (m.tok(tokens[:, i]) + m.pos[i + 1])[:, None]
+
+
+# ------------------------------------------------------------------------------ presets
+def test_preset_settings_merge_overrides_into_the_table():
+    cfg, options = presets.settings("toy2d", lr=1e-5, fakes=512, pretrain_steps=7, seed=3)
+    table = presets.PRESETS["toy2d"]
+    assert cfg.lr == 1e-5 and cfg.fake_samples_per_round == 512 and cfg.seed == 3
+    assert cfg.beta == table.config["beta"] and cfg.rounds == table.config["rounds"]
+    assert options == {**table.options, "pretrain_steps": 7}
+    for name, preset in presets.PRESETS.items():  # every preset builds a valid config
+        cfg, options = presets.settings(name)
+        assert options == preset.options and cfg.alpha == preset.config["alpha"]
+
+
+def test_preset_settings_reject_what_they_do_not_know():
+    with pytest.raises(ValueError, match="unknown setting.*'levels'"):
+        presets.settings("toy2d", levels=4)  # a digits-ar option, not a toy2d one
+    with pytest.raises(ValueError, match="unknown preset"):
+        presets.settings("cifar")
+    with pytest.raises(ValueError, match="TrainConfig.lr"):
+        presets.settings("digits-ar", lr=-1.0)
+
+
+def test_cli_overrides_parse_literals_and_equals_form():
+    got = _parse_overrides(["--lr=1e-5", "--select-best-by", "max:logp", "--plot", "False"])
+    assert got == {"lr": 1e-5, "select_best_by": "max:logp", "plot": False}
+
+
+def test_sweep_and_cli_read_the_one_table(tmp_path, capsys):
+    from ddo_fast import cli
+    from ddo_fast.examples import sweep
+
+    with pytest.raises(SystemExit):
+        sweep.main(["--preset", "nope", "--out", str(tmp_path), "alpha=1"])
+    assert "toy2d" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown setting"):
+        cli.main(["train", "--preset", "toy2d", "--out", str(tmp_path), "--bogus", "1"])
+
+
+def test_toy_denoiser_is_edm_preconditioned():
+    """D(x; sigma) -> x as sigma -> 0 (c_skip -> 1, c_out -> 0) and the toy model keeps the name
+    toy2d.EDMMLP."""
+    torch.manual_seed(0)
+    m = edm_mlp(hidden=8)
+    assert toy2d.EDMMLP is edm_mlp
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(m(x, torch.full((5,), 1e-6)), x, rtol=1e-5, atol=1e-5)
+    assert not any(k.endswith("freqs") for k in m.state_dict())  # derived, not stored

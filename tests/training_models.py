@@ -45,3 +45,17 @@ class NaNAfter(nn.Module):
     def forward(self, x, sigma, labels=None):
         out = self.inner(x, sigma, labels)
         return out * float("nan") if self.poison else out
+
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps a detached copy of the arguments of every forward call (to check
+    what theta and the reference were given)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[tuple] = []
+
+    def forward(self, *args):
+        self.calls.append(tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args))
+        return self.inner(*args)

@@ -16,7 +16,7 @@ import torch
 
 from .. import adapters as A
 from .. import ops
-from ..examples.models import CausalTransformer, ConvDenoiser, EDMPrecond
+from ..models import CausalTransformer, ConvDenoiser, EDMPrecond
 
 SIZES = {
     "var": dict(batch=4, seq_len=680, vocab=4096, dim=128, layers=2),

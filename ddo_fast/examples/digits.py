@@ -10,6 +10,7 @@ generated samples of each class.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,21 +40,6 @@ def load_scaled() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pixels in [0, 16], the same scaled to [-1, 1], labels)."""
     pixels, y = load_digits_tensors()
     return pixels, pixels / 8.0 - 1.0, y
-
-
-def cached_pretrain(
-    path: Path, model: nn.Module, fit: Callable[[nn.Module], nn.Module]
-) -> nn.Module:
-    """Load ``path`` into ``model`` if it exists, else ``fit(model)`` and save it there."""
-    t0 = time.time()
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        print(f"pre-trained model loaded from {path}")
-    else:
-        model = fit(model)
-        torch.save(model.state_dict(), path)
-        print(f"pre-trained in {time.time() - t0:.0f}s -> {path}")
-    return model.eval()
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -242,6 +228,25 @@ def run_ddo(
     if plot:
         save_grid(run_dir / "samples.png", before_x, after_x)
     return {"before": before, "after": after, "rounds": result.metrics, "out": run_dir}
+
+
+def mle_control(
+    model: nn.Module,
+    cfg,
+    evaluate: Evaluator,
+    fit_more: Callable[[nn.Module, int, int, int, float], nn.Module],
+) -> dict[str, float]:
+    """The control run: the DDO run's budget (steps_per_round * rounds steps of 2 * batch_size
+    samples, its real + fake rows) spent on more likelihood training at the DDO lr, constant,
+    with seed + 1. ``fit_more(model, steps, seed, batch, lr)`` trains a copy of ``model``."""
+    ctrl = fit_more(
+        copy.deepcopy(model).train(),
+        cfg.steps_per_round * cfg.rounds,
+        cfg.seed + 1,
+        2 * cfg.batch_size,
+        cfg.lr,
+    )
+    return {"MLE control feature FD (report seed)": round(evaluate(ctrl, "report")["fd"], 3)}
 
 
 def save_grid(path: Path, before: torch.Tensor, after: torch.Tensor, per_class: int = 8) -> None:

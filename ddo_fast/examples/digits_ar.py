@@ -1,16 +1,15 @@
 """``ddo-fast train --preset digits-ar``: DDO on a class-conditional autoregressive digit model.
 
 Pixels are quantised to ``levels`` grey levels and flattened to 64 tokens; a small
-class-conditional causal transformer (2 pre-norm layers, 128-d, class token first) is pre-trained
-by next-token likelihood (cached in the output folder), then fine-tuned by DDO rounds with
+class-conditional causal transformer (2 pre-norm layers, class token first) is pre-trained by
+next-token likelihood (cached in the output folder), then fine-tuned by DDO rounds with
 :class:`~ddo_fast.adapters.CausalAR`. Evaluation as in :mod:`ddo_fast.examples.digits`, on the
-de-quantised samples against the original data.
+de-quantised samples against the original data. Settings: the ``digits-ar`` row of
+:data:`ddo_fast.examples.presets.PRESETS`.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from pathlib import Path
 
@@ -18,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import adapters as A
+from ..models import CausalTransformer
 from ..training import TrainConfig
 from ..training.data import generator
-from ..training.loop import update_ema
-from .digits import Evaluator, cached_pretrain, load_scaled, run_ddo, train_classifier
-from .models import CausalTransformer
+from .digits import Evaluator, load_scaled, mle_control, run_ddo, train_classifier
+from .presets import preset_runner
+from .pretrain import cached_pretrain, cosine_decay, fit
 
 
 def quantise(pixels: torch.Tensor, levels: int) -> torch.Tensor:
@@ -43,43 +43,37 @@ def pretrain(
     lr: float = 1e-3,
     floor: float = 0.01,
 ) -> CausalTransformer:
-    """Next-token cross-entropy, cosine lr from `lr` to `floor` of it, EMA 0.999 (returned)."""
+    """Next-token cross-entropy (nats/token), cosine lr from `lr` to `floor` of it, EMA 0.999
+    (returned)."""
     g = generator(seed, "pretrain")
     torch.manual_seed(seed)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            cosine = 0.5 * (1 + math.cos(math.pi * step / max(steps - 1, 1)))
-            group["lr"] = lr * (floor + (1 - floor) * cosine)
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(len(tokens), (batch,), generator=g)
         logits = model(tokens[idx], y[idx])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[idx].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(ema, model, 0.999)
-        if step % 1000 == 0 or step == steps - 1:
-            print(f"  pretrain step {step}: {loss.item():.3f} nats/token")
-    return ema.eval().requires_grad_(True)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[idx].reshape(-1))
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    lr_at = cosine_decay(lr, floor, steps)
+    return fit(model, opt, steps, lr_at, loss_at, ema=0.999, log_every=1000)
 
 
-def run(
+run = preset_runner("digits-ar")
+
+
+def build(
     out: Path,
+    cfg: TrainConfig,
     *,
-    seed: int = 0,
-    levels: int = 8,
-    pretrain_steps: int = 3000,
-    dim: int = 64,
-    layers: int = 2,
-    plot: bool = True,
-    run_name: str = "ddo",
-    control_mle: bool = False,
-    **overrides,
+    levels: int,
+    pretrain_steps: int,
+    dim: int,
+    layers: int,
+    plot: bool,
+    control_mle: bool,
 ) -> dict:
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    seed = cfg.seed
     pixels, x, y = load_scaled()
     tokens = quantise(pixels, levels)
     clf = train_classifier(x, y, out, seed)
@@ -95,32 +89,12 @@ def run(
         return dequantise(m.sample(len(labels), labels, g), levels)
 
     evaluate = Evaluator(x, y, clf, generate, seed)
-    cfg = TrainConfig(
-        alpha=1.0,
-        beta=1.0,
-        lr=1e-5,
-        batch_size=64,
-        steps_per_round=300,
-        rounds=1,
-        fake_samples_per_round=2000,
-        seed=seed,
-        out_dir=str(out / run_name),
-        eval_every=50,
-        select_best_by="min:fd",
-        device="cpu",
-        log_every=25,
-    ).replace(**overrides)
     extra: dict = {"levels": levels}
     if control_mle:  # the same steps and samples spent on more likelihood training instead
-        ctrl = pretrain(
-            copy.deepcopy(model).train(),
-            tokens,
-            y,
-            cfg.steps_per_round * cfg.rounds,
-            seed + 1,
-            batch=2 * cfg.batch_size,
-            lr=cfg.lr,
-            floor=1.0,
+        extra |= mle_control(
+            model,
+            cfg,
+            evaluate,
+            lambda m, steps, s, batch, lr: pretrain(m, tokens, y, steps, s, batch, lr, floor=1.0),
         )
-        extra["MLE control feature FD (report seed)"] = round(evaluate(ctrl, "report")["fd"], 3)
     return run_ddo(out, "digits-ar", model, (tokens, y), adapter, cfg, evaluate, t0, plot, extra)

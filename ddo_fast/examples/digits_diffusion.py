@@ -3,23 +3,24 @@
 A class-conditional EDM denoiser (an MLP, 3 hidden layers of 256, sigma_data 0.5; pixels in
 [-1, 1]) is pre-trained by plain denoising for a fixed budget (cached in the output folder), then
 fine-tuned by DDO rounds with :class:`~ddo_fast.adapters.EDMDenoiser` and fakes from the EDM Heun
-sampler; guidance-free evaluation (see :mod:`ddo_fast.examples.digits`).
+sampler; guidance-free evaluation (see :mod:`ddo_fast.examples.digits`). Settings: the
+``digits-diffusion`` row of :data:`ddo_fast.examples.presets.PRESETS`.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
 import torch
 
 from .. import adapters as A
+from ..models import EDMPrecond, MLPDenoiser
 from ..training import TrainConfig
 from ..training.data import generator
-from ..training.loop import update_ema
-from .digits import Evaluator, cached_pretrain, load_scaled, run_ddo, train_classifier
-from .models import EDMPrecond, MLPDenoiser
+from .digits import Evaluator, load_scaled, mle_control, run_ddo, train_classifier
+from .presets import preset_runner
+from .pretrain import cached_pretrain, edm_denoising_loss, exp_decay, fit
 
 
 def make_model() -> EDMPrecond:
@@ -40,35 +41,29 @@ def pretrain(
     """Plain EDM denoising, lr `lr` -> `lr_end` (exponential), EMA 0.999; returns the EMA."""
     g = generator(seed, "pretrain")
     torch.manual_seed(seed)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * ((lr_end / lr) ** (step / max(steps - 1, 1)))
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(len(x), (batch,), generator=g)
-        sigma = (torch.randn(batch, generator=g) * adapter.P_std + adapter.P_mean).exp()
-        noisy = x[idx] + sigma[:, None] * torch.randn(batch, 64, generator=g)
-        loss = adapter.weight(sigma)[:, None] * (model(noisy, sigma, y[idx]) - x[idx]).square()
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        opt.step()
-        update_ema(ema, model, 0.999)
-    return ema.eval().requires_grad_(True)
+        return edm_denoising_loss(model, adapter, x[idx], y[idx], g)
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    return fit(model, opt, steps, exp_decay(lr, lr_end / lr, steps), loss_at, ema=0.999)
 
 
-def run(
+run = preset_runner("digits-diffusion")
+
+
+def build(
     out: Path,
+    cfg: TrainConfig,
     *,
-    seed: int = 0,
-    pretrain_steps: int = 20_000,
-    sample_steps: int = 18,
-    plot: bool = True,
-    run_name: str = "ddo",
-    control_mle: bool = False,
-    **overrides,
+    pretrain_steps: int,
+    sample_steps: int,
+    plot: bool,
+    control_mle: bool,
 ) -> dict:
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    seed = cfg.seed
     _, x, y = load_scaled()
     clf = train_classifier(x, y, out, seed)
     adapter = A.EDMDenoiser(
@@ -85,34 +80,12 @@ def run(
         return adapter.sample(m, len(labels), labels, g, torch.device("cpu"), (64,))
 
     evaluate = Evaluator(x, y, clf, generate, seed)
-    cfg = TrainConfig(
-        alpha=2.0,
-        beta=0.1,
-        lr=3e-5,
-        batch_size=128,
-        steps_per_round=600,
-        rounds=1,
-        fake_samples_per_round=4000,
-        ema=0.99,
-        seed=seed,
-        out_dir=str(out / run_name),
-        eval_every=100,
-        select_best_by="min:fd",
-        device="cpu",
-        log_every=50,
-    ).replace(**overrides)
-    extra = {}
+    extra: dict = {}
     if control_mle:  # the same steps and samples spent on more denoising training instead
-        ctrl = pretrain(
-            copy.deepcopy(model).train(),
-            adapter,
-            x,
-            y,
-            cfg.steps_per_round * cfg.rounds,
-            seed + 1,
-            batch=2 * cfg.batch_size,
-            lr=cfg.lr,
-            lr_end=cfg.lr,
+        extra |= mle_control(
+            model,
+            cfg,
+            evaluate,
+            lambda m, steps, s, batch, lr: pretrain(m, adapter, x, y, steps, s, batch, lr, lr),
         )
-        extra["MLE control feature FD (report seed)"] = round(evaluate(ctrl, "report")["fd"], 3)
     return run_ddo(out, "digits-diffusion", model, (x, y), adapter, cfg, evaluate, t0, plot, extra)

@@ -2,7 +2,8 @@
 
     python -m ddo_fast.examples.sweep --preset digits-diffusion --out DIR alpha=1,2 beta=0.05,0.1
 
-Every combination runs the preset in this process with ``run_name`` = the combination, so the
+Presets and their settings: :data:`ddo_fast.examples.presets.PRESETS`. Every combination runs
+the preset in this process with ``run_name`` = the combination, so the
 pre-trained model, the classifier and identical fake pools are computed once (cached in DIR).
 Writes DIR/sweep-<preset>.md with the before/after feature FD of each run.
 """
@@ -10,23 +11,10 @@ Writes DIR/sweep-<preset>.md with the before/after feature FD of each run.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import itertools
 from pathlib import Path
 
-PRESETS = {
-    "digits-diffusion": "ddo_fast.examples.digits_diffusion",
-    "digits-ar": "ddo_fast.examples.digits_ar",
-    "toy2d": "ddo_fast.examples.toy2d",
-}
-
-
-def _value(raw: str):
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
+from .presets import PRESETS, parse_value, run_preset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.grid:
         key, _, raw = item.partition("=")
         keys.append(key)
-        values.append([_value(v) for v in raw.split(",")])
-    module = importlib.import_module(PRESETS[args.preset])
+        values.append([parse_value(v) for v in raw.split(",")])
     out = Path(args.out)
     rows = []
     for combo in itertools.product(*values):
         setting = dict(zip(keys, combo, strict=True))
         name = "-".join(f"{k}{v}" for k, v in setting.items())
-        res = module.run(out, run_name=f"sweep-{name}", plot=False, **setting)
+        res = run_preset(args.preset, out, run_name=f"sweep-{name}", plot=False, **setting)
         before, after = res["before"], res["after"]
         best = res["rounds"][-1]
         rows.append((setting, before, after, best))

@@ -18,8 +18,11 @@ import torch
 from torch import nn
 
 from .. import adapters as A
+from ..models import edm_mlp
 from ..training import TrainConfig, train
 from ..training.data import generator
+from .presets import preset_runner
+from .pretrain import cached_pretrain, edm_denoising_loss, exp_decay, fit
 
 MODES, RADIUS, STD = 8, 2.0, 0.08
 
@@ -40,48 +43,21 @@ def true_logp(x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(-d2 / (2 * STD**2), 1) + log_norm
 
 
-class EDMMLP(nn.Module):
-    """EDM-preconditioned MLP denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)."""
-
-    def __init__(self, hidden: int = 32, sigma_data: float = 1.0, layers: int = 3) -> None:
-        super().__init__()
-        self.sigma_data = sigma_data
-        dims = [2 + 8] + [hidden] * layers
-        blocks: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:], strict=True):
-            blocks += [nn.Linear(a, b), nn.SiLU()]
-        self.net = nn.Sequential(*blocks, nn.Linear(hidden, 2))
-        self.register_buffer("freqs", torch.arange(1, 5, dtype=torch.float32))
-
-    def forward(self, x, sigma, labels=None):
-        sd = self.sigma_data
-        sigma = sigma.reshape(-1, 1).to(x.dtype)
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
-        c_noise = sigma.log() / 4
-        emb = torch.cat([(c_noise * self.freqs).sin(), (c_noise * self.freqs).cos()], 1)
-        return c_skip * x + c_out * self.net(torch.cat([c_in * x, emb], 1))
+# The name the tests and older scripts import; the model lives in ddo_fast.models.
+EDMMLP = edm_mlp
 
 
-def pretrain(
-    model: EDMMLP, adapter: A.EDMDenoiser, steps: int, seed: int, batch: int = 512
-) -> None:
-    """Plain EDM denoising (MLE), lr decayed 1e-3 -> 1e-5."""
+def pretrain(model: nn.Module, adapter: A.EDMDenoiser, steps: int, seed: int, batch: int = 512):
+    """Plain EDM denoising (MLE) on fresh ring samples, lr decayed 1e-3 -> 1e-5."""
     g = generator(seed, "pretrain")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * (1e-2 ** (step / max(steps - 1, 1)))
-        x = sample_data(batch, g)
-        sigma = (torch.randn(batch, generator=g) * adapter.P_std + adapter.P_mean).exp()
-        noisy = x + sigma[:, None] * torch.randn(batch, 2, generator=g)
-        loss = (adapter.weight(sigma)[:, None] * (model(noisy, sigma) - x).square()).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
+    return fit(
+        model,
+        opt,
+        steps,
+        exp_decay(1e-3, 1e-2, steps),
+        lambda step: edm_denoising_loss(model, adapter, sample_data(batch, g), None, g),
+    )
 
 
 def metrics(x: torch.Tensor) -> dict[str, float]:
@@ -96,33 +72,22 @@ def metrics(x: torch.Tensor) -> dict[str, float]:
     }
 
 
-def run(
-    out: Path,
-    *,
-    seed: int = 0,
-    pretrain_steps: int = 15_000,
-    rounds: int = 3,
-    steps_per_round: int = 900,
-    eval_samples: int = 20_000,
-    fakes: int = 20_000,
-    plot: bool = True,
-    **overrides,
+run = preset_runner("toy2d")
+
+
+def build(
+    out: Path, cfg: TrainConfig, *, pretrain_steps: int, eval_samples: int, plot: bool
 ) -> dict:
     """Pre-train (cached in ``out``), run DDO, print per-round metrics, write demo.png."""
     t0 = time.time()
+    seed = cfg.seed
     torch.manual_seed(seed)
     adapter = A.EDMDenoiser(sigma_data=1.0, P_mean=-1.2, P_std=1.2, steps=18)
-    model = EDMMLP()
-    cache = out / f"pretrained-{pretrain_steps}-{seed}.pt"
-    if cache.exists():
-        model.load_state_dict(torch.load(cache, weights_only=True))
-        print(f"pre-trained model loaded from {cache}")
-    else:
-        pretrain(model, adapter, pretrain_steps, seed)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), cache)
-        print(f"pre-trained {pretrain_steps} steps in {time.time() - t0:.1f}s -> {cache}")
-    model.eval()
+    model = cached_pretrain(
+        out / f"pretrained-edm-mlp-{pretrain_steps}-{seed}.pt",
+        edm_mlp(),
+        lambda m: pretrain(m, adapter, pretrain_steps, seed),
+    )
 
     def draw(m: nn.Module, purpose: str) -> torch.Tensor:
         # The same noise for every candidate (a paired comparison); the reported before/after
@@ -138,22 +103,6 @@ def run(
     before = metrics(before_x)
     print("pretrained: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
     data = sample_data(100_000, generator(seed, "data"))
-    cfg = TrainConfig(
-        alpha=1.0,
-        beta=2.0,
-        lr=3e-4,
-        batch_size=512,
-        steps_per_round=steps_per_round,
-        rounds=rounds,
-        fake_samples_per_round=fakes,
-        ema=0.99,
-        seed=seed,
-        out_dir=str(out / "ddo"),
-        eval_every=100,
-        select_best_by="max:logp",
-        device="cpu",
-        log_every=50,
-    ).replace(**overrides)
     result = train(model, data, adapter=adapter, config=cfg, eval_fn=eval_fn)
     after_x = draw(result.model, "report")
     after = metrics(after_x)

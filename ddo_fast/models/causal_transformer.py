@@ -1,15 +1,10 @@
-"""Small models used by the examples and the training-step benchmark.
+"""A small VAR-like class-conditional causal transformer with KV-cache sampling.
 
-* :class:`CausalTransformer` - a VAR-like class-conditional causal transformer: the class
-  token is the first input, ``logits[:, i]`` predicts ``tokens[:, i]`` from ``tokens[:, :i]``
-  (the contract of :class:`ddo_fast.adapters.CausalAR`); has a batched ``sample``.
-* :class:`EDMPrecond` - EDM preconditioning around any raw network ``F(x, c_noise, labels)``.
-* :class:`MLPDenoiser`, :class:`ConvDenoiser` - raw networks for vectors and images.
+The class token is the first input and ``logits[:, i]`` predicts ``tokens[:, i]`` from
+``tokens[:, :i]`` (the contract of :class:`ddo_fast.adapters.CausalAR`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -112,79 +107,3 @@ class CausalTransformer(nn.Module):
             if i + 1 < self.seq_len:
                 x = (self.tok(tokens[:, i]) + self.pos[i + 1])[:, None]
         return tokens
-
-
-class EDMPrecond(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, labels) (Karras et al. 2022, Table 1)."""
-
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
-        super().__init__()
-        self.net, self.sigma_data = net, sigma_data
-
-    def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        sd = self.sigma_data
-        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-        c_skip = sd**2 / (s**2 + sd**2)
-        c_out = s * sd / (s**2 + sd**2).sqrt()
-        c_in = 1 / (s**2 + sd**2).sqrt()
-        c_noise = sigma.to(x.dtype).log() / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise, labels)
-
-
-def _fourier(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
-    freqs = torch.exp(torch.arange(dim // 2, device=c_noise.device) * (-math.log(100.0) / dim))
-    ang = c_noise.reshape(-1, 1) * freqs * 10
-    return torch.cat([ang.sin(), ang.cos()], 1)
-
-
-class MLPDenoiser(nn.Module):
-    """F(x, c_noise, labels) for flat vectors: an MLP on [x, noise embedding, class embedding]."""
-
-    def __init__(
-        self,
-        dim: int,
-        hidden: int = 256,
-        layers: int = 3,
-        num_classes: int | None = None,
-        emb: int = 32,
-    ) -> None:
-        super().__init__()
-        self.emb = emb
-        self.cls = nn.Embedding(num_classes, emb) if num_classes else None
-        sizes = [dim + emb + (emb if num_classes else 0)] + [hidden] * layers
-        mods: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-            mods += [nn.Linear(a, b), nn.SiLU()]
-        self.net = nn.Sequential(*mods, nn.Linear(hidden, dim))
-
-    def forward(self, x, c_noise, labels=None):
-        shape = x.shape
-        parts = [x.reshape(shape[0], -1), _fourier(c_noise, self.emb)]
-        if self.cls is not None:
-            parts.append(self.cls(labels))
-        return self.net(torch.cat(parts, 1)).reshape(shape)
-
-
-class ConvDenoiser(nn.Module):
-    """F(x, c_noise, labels) for images: a small two-level U-Net with noise/class FiLM."""
-
-    def __init__(self, channels: int = 4, width: int = 64, num_classes: int | None = None) -> None:
-        super().__init__()
-        self.emb = nn.Linear(32, 2 * width)
-        self.cls = nn.Embedding(num_classes, 2 * width) if num_classes else None
-        self.inp = nn.Conv2d(channels, width, 3, padding=1)
-        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.mid = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.up = nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1)
-        self.out = nn.Conv2d(2 * width, channels, 3, padding=1)
-
-    def forward(self, x, c_noise, labels=None):
-        e = self.emb(_fourier(c_noise, 32))
-        if self.cls is not None:
-            e = e + self.cls(labels)
-        h0 = F.silu(self.inp(x))
-        h1 = F.silu(self.down(h0)) * (1 + e[:, :, None, None])
-        h1 = F.silu(self.mid(h1))
-        return self.out(torch.cat([F.silu(self.up(h1)), h0], 1))

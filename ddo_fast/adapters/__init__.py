@@ -1,0 +1,37 @@
+"""Model adapters: turn (model, frozen reference, real batch, fake batch) into the fused DDO loss.
+
+An adapter knows how a model family computes its log-likelihood surrogate and how to sample it
+(the protocol: :class:`~ddo_fast.adapters.base.Adapter`):
+
+* :class:`EDMDenoiser` (:mod:`.edm`) - EDM/EDM2 denoisers ``D(x_noisy, sigma, labels)``; one
+  ln sigma and one noise draw per real/fake pair, shared by theta and ref; EDM weighting
+  ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2``; EDM Heun sampler.
+* :class:`EpsilonDiffusion` (:mod:`.epsilon`) - epsilon-prediction models with a discrete noise
+  schedule (``model(x_t, t[, labels])``, diffusers-style ``.sample`` outputs accepted); DDIM.
+* :class:`CausalAR` (:mod:`.causal_ar`) - autoregressive models ``model(tokens [B, L], labels)
+  -> logits [B, L, V]`` whose ``logits[:, i]`` predicts ``tokens[:, i]`` from ``tokens[:, :i]``;
+  ancestral sampler (or the model's own ``sample``).
+
+Both diffusion adapters build their loss with one helper,
+:func:`~ddo_fast.adapters.base.paired_diffusion_loss`. Every adapter runs theta and ref on the
+same inputs (same noise, same labels) in one forward over the concatenated [real; fake] batch,
+and returns the loss and the per-sample log-ratios. Every ``sample`` has the one signature
+``sample(model, n, labels, generator, device, shape)``.
+"""
+
+from .base import Adapter, Batch, LossOutput, paired_diffusion_loss
+from .causal_ar import CausalAR, null_label_weights
+from .edm import EDMDenoiser, edm_weight
+from .epsilon import EpsilonDiffusion
+
+__all__ = [
+    "Adapter",
+    "Batch",
+    "CausalAR",
+    "EDMDenoiser",
+    "EpsilonDiffusion",
+    "LossOutput",
+    "edm_weight",
+    "null_label_weights",
+    "paired_diffusion_loss",
+]

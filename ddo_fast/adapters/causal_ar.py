@@ -1,0 +1,103 @@
+"""Autoregressive models ``model(tokens [B, L], labels) -> logits [B, L, V]`` (VAR, small LMs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import ar_ddo_loss, sequence_logprob
+from .base import Adapter, LossOutput, batched, cat_labels, pair_mask
+
+
+def null_label_weights(uncond: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-row weights [2B] of a [real; fake] batch whose pairs ``uncond`` [B] (bool) got the
+    null (classifier-free-guidance) label.
+
+    The official DDO VAR trainer (``DDO_trainer.py::train_step``; summarised in the project's
+    ddo_spec.md, section 3) weights real rows cond 1 / uncond max(alpha, 1) and fake rows
+    cond alpha / uncond 0, then divides the loss by max(alpha, 1). Here the loss head already
+    multiplies the fake term by alpha, so the sample weights are real: cond 1, uncond
+    max(alpha, 1); fake: cond 1, uncond 0 - the unconditional model gets no fake term (it
+    "should stay mode-covering", DDO issue #3) and a real term as strong as the conditional
+    fake term. :class:`CausalAR` divides by max(alpha, 1) when ``normalize_alpha`` is set.
+    """
+    real = torch.where(uncond, max(alpha, 1.0), 1.0)
+    fake = torch.where(uncond, 0.0, 1.0)
+    return torch.cat([real, fake])
+
+
+@dataclass
+class CausalAR(Adapter):
+    """Autoregressive model ``model(tokens [B, L], labels | None) -> logits [B, L, V]`` whose
+    ``logits[:, i]`` predicts ``tokens[:, i]`` from ``tokens[:, :i]`` (the model prepends its own
+    start/class token).
+
+    r_b = sum_i log softmax(z_theta)[y_i] - sum_i log softmax(z_ref)[y_i] (sums over tokens, no
+    length normalisation); the reference's ``sequence_logprob`` runs under no_grad. With
+    ``null_label`` set (classifier-free-guidance training data), a share ``uncond_ratio`` of
+    pairs get the null label on both their real and fake row, weighted by
+    :func:`null_label_weights`, and with ``normalize_alpha`` the loss is divided by
+    max(alpha, 1) - the official VAR recipe. Sampling uses ``model.sample(n, labels,
+    generator)`` when the model has one (e.g. with a KV cache), else a plain token-by-token loop
+    with ``temperature`` over ``seq_len`` tokens (0 = the sample shape's length).
+    """
+
+    seq_len: int = 0
+    null_label: int | None = None
+    uncond_ratio: float = 0.0
+    normalize_alpha: bool = False
+    temperature: float = 1.0
+    sample_batch: int = 1024
+    backend: str | None = None
+
+    def draw(self, batch, sample_shape, generator):
+        return {"uncond": torch.rand(batch, generator=generator) < self.uncond_ratio}
+
+    def loss(self, model, ref, real, fake, noise, *, alpha, beta) -> LossOutput:
+        tokens = torch.cat([real[0], fake[0]]).long()
+        labels = cat_labels(real[1], fake[1])
+        batch = real[0].shape[0]
+        weight = None
+        if self.null_label is not None and labels is not None and self.uncond_ratio > 0:
+            uncond = noise["uncond"].to(tokens.device)
+            labels = torch.where(uncond.repeat(2), torch.full_like(labels, self.null_label), labels)
+            weight = null_label_weights(uncond, alpha)
+        with torch.no_grad():
+            ref_lp = sequence_logprob(ref(tokens, labels), tokens, backend=self.backend)
+        logits = model(tokens, labels)
+        loss, r = ar_ddo_loss(
+            logits,
+            tokens,
+            ref_lp,
+            pair_mask(batch, tokens.device),
+            alpha=alpha,
+            beta=beta,
+            sample_weight=weight,
+            return_logratio=True,
+            backend=self.backend,
+        )
+        if self.normalize_alpha:
+            loss = loss / max(alpha, 1.0)
+        return LossOutput(loss, r.detach())
+
+    @torch.no_grad()
+    def sample(self, model, n, labels, generator, device, shape):
+        own = getattr(model, "sample", None)
+        length = self.seq_len or shape[-1]
+        out = []
+        for m, lab in batched(n, self.sample_batch, labels, device):
+            if callable(own):
+                out.append(own(m, lab, generator).cpu())
+                continue
+            tokens = torch.zeros(m, length, dtype=torch.long, device=device)
+            for i in range(length):
+                logits = model(tokens[:, : i + 1], lab)[:, i].double() / self.temperature
+                u = torch.rand(m, 1, generator=generator, dtype=torch.float64).to(device)
+                cdf = logits.softmax(-1).cumsum(-1)
+                tokens[:, i] = (cdf < u).sum(-1).clamp_max(logits.shape[-1] - 1)
+            out.append(tokens.cpu())
+        return torch.cat(out)
+
+    def sampler_config(self):
+        return {"kind": "ancestral", "seq_len": self.seq_len, "temperature": self.temperature}
