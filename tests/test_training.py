@@ -1,6 +1,7 @@
 """ddo_fast.train: adapters, rounds, resume, non-finite handling, DDP, CLI, the demo's trend."""
 
 import csv
+import math
 import os
 import shutil
 import subprocess
@@ -77,10 +78,17 @@ def test_causal_ar_adapter_with_cfg_rows(tmp_path):
     res = ddo_fast.train(
         TinyAR(), (tokens, labels), adapter=adapter, config=_cfg(tmp_path, alpha=4.0, beta=0.5)
     )
-    # at theta == ref: real rows: weight 1 or max(alpha,1); fake rows: alpha * (1 or 0); the
-    # mean over each group of 8 of those, divided by max(alpha, 1)
+    # at theta == ref (r = 0, every term log 2): real rows weigh 1, or max(alpha, 1) when
+    # unconditional; fake rows alpha, or 0 when unconditional; each group's sum over its 8
+    # rows / 8 (mean), the total divided by max(alpha, 1). The uncond draw is step 0's.
     first = res.history[0]["loss"]
     assert 0 < first < (4.0 + 4.0) * 0.6931471805599453 / 4.0 + 1e-6
+    uncond = adapter.draw(8, (6,), generator(0, "step", 0))["uncond"]
+    k = int(uncond.sum())
+    assert 0 < k < 8  # both kinds of rows occur in this draw
+    real = (k * 4.0 + (8 - k) * 1.0) / 8
+    fake = 4.0 * (8 - k) / 8
+    assert first == pytest.approx((real + fake) * math.log(2) / 4.0, rel=1e-6, abs=1e-7)
     assert len(res.history) == 2
 
 

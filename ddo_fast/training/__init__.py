@@ -5,5 +5,6 @@
 
 from .config import TrainConfig
 from .loop import TrainResult, train
+from .state import TrainState
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "train"]

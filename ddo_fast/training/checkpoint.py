@@ -1,8 +1,10 @@
 """Atomic checkpoints: safetensors weights + a state file, renamed into place with a marker.
 
-Layout: ``<out>/checkpoints/step-00001234/{model,ref,best[,ema]}.safetensors, state.pt, COMPLETE``.
-A checkpoint is written to ``.tmp-step-*`` in the same folder (same file system), fsynced, renamed,
-and only then marked COMPLETE; a folder without the marker is never loaded.
+Layout: ``<out>/checkpoints/step-00001234/{model,ref[,ema][,best]}.safetensors, state.pt,
+COMPLETE`` (what :meth:`TrainState.state_dict` holds: the weights as safetensors, the rest in
+state.pt). A checkpoint is written to ``.tmp-step-*`` in the same folder (same file system) with
+its marker, fsynced, and renamed into place: the rename is the commit, so a kill at any moment
+leaves either a complete ``step-*`` folder or debris that is ignored (and overwritten).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .state import upgrade
+
 MARKER = "COMPLETE"
 
 
@@ -25,7 +29,7 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save(
-    root: Path, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]
+    root: Path, step: int, weights: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]
 ) -> Path:
     folder = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -33,13 +37,13 @@ def save(
     tmp.mkdir(parents=True)
     for name, sd in weights.items():
         save_file(_tensors(sd), str(tmp / f"{name}.safetensors"))
-    torch.save(state, tmp / "state.pt")
+    torch.save(meta, tmp / "state.pt")
+    (tmp / MARKER).write_text("ok\n")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # only ever an incomplete one (see latest())
     os.rename(tmp, folder)
-    (folder / MARKER).write_text("ok\n")
     return folder
 
 
@@ -63,8 +67,10 @@ def latest(root: Path) -> Path | None:
 
 
 def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(weights, meta) in the current format; a format-1 checkpoint (written before TrainState)
+    is converted, and its meta says ``upgraded_from: 1``."""
     if not (folder / MARKER).exists():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
     weights = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
-    state = torch.load(folder / "state.pt", weights_only=True)
-    return weights, state
+    meta = torch.load(folder / "state.pt", weights_only=True)
+    return weights, upgrade(meta, weights)

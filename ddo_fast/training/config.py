@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -29,9 +29,13 @@ class TrainConfig:
         seed, out_dir (None = a new folder in the working directory), resume (continue from the
         newest complete checkpoint in out_dir), checkpoint_every / eval_every (steps; 0 = only at
         the end of a round), select_best_by ("last", or "min:KEY" / "max:KEY" of eval_fn's
-        result; a float result is KEY "eval"), nonfinite ("raise" stops before the optimizer step,
-        "skip" skips that step and counts it), device (None = cuda if available, else cpu),
-        log_every (steps between progress-bar/CSV rows).
+        result; a float result is KEY "eval"), nonfinite (a non-finite loss or gradient norm:
+        "raise" applies no update from that step on and raises at the next metrics flush, so the
+        weights are those from before the step; "skip" skips that step and counts it; both decide
+        on the device, without a host sync), device (None = cuda if available, else cpu; under
+        torchrun cuda:LOCAL_RANK), log_every (steps between metrics flushes: the one host sync
+        that moves the pending steps' metrics - every step keeps its row in metrics.csv - to the
+        CSV, TensorBoard and the progress bar).
     """
 
     alpha: float = 1.0
@@ -54,7 +58,6 @@ class TrainConfig:
     nonfinite: str = "raise"
     device: str | None = None
     log_every: int = 10
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> None:
@@ -106,4 +109,4 @@ class TrainConfig:
 
     @classmethod
     def field_types(cls) -> dict[str, Any]:
-        return {f.name: f.type for f in fields(cls) if f.name != "extra"}
+        return {f.name: f.type for f in fields(cls)}

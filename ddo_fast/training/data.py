@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-Batch = tuple[torch.Tensor, "torch.Tensor | None"]
+from ..adapters import Batch
 
 
 def seed_for(*parts: Any) -> int:
@@ -63,7 +63,7 @@ class RealData:
         if self.x is not None:
             labels = None if self.labels is None else self.labels[index]
             return self.x[index], labels
-        items = [self.dataset[int(i)] for i in index]
+        items = [self.dataset[i] for i in index.tolist()]
         if isinstance(items[0], (tuple, list)):
             xs = torch.stack([torch.as_tensor(it[0]) for it in items])
             return xs, torch.as_tensor([int(it[1]) for it in items])
@@ -79,22 +79,15 @@ class RealData:
         labels = self.get(torch.arange(min(len(self), 4096)))[1]
         return None if labels is None else int(labels.max()) + 1
 
-    def label_pool(self) -> torch.Tensor | None:
-        if self.x is not None:
-            return self.labels
-        return self.get(torch.arange(len(self)))[1]
-
     def indices(self, seed: int, start: int, count: int) -> torch.Tensor:
         """Stream positions [start, start + count) mapped through per-epoch permutations."""
         n = len(self)
-        pos = torch.arange(start, start + count)
-        epochs = pos // n
-        out = torch.empty(count, dtype=torch.long)
-        for epoch in epochs.unique().tolist():
+        parts = []
+        for epoch in range(start // n, (start + count - 1) // n + 1):  # no tensor -> host reads
+            lo, hi = max(start, epoch * n), min(start + count, (epoch + 1) * n)
             perm = torch.randperm(n, generator=generator(seed, "epoch", epoch))
-            sel = epochs == epoch
-            out[sel] = perm[pos[sel] % n]
-        return out
+            parts.append(perm[lo - epoch * n : hi - epoch * n])
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
 def balanced_labels(num_classes: int | None, n: int, generator: torch.Generator):

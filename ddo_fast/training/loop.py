@@ -1,18 +1,21 @@
 """The DDO training loop: self-play rounds over a frozen reference (Zheng et al. 2025, Sec. 3.4).
 
-One flat loop. Per round: the reference is the best model so far; fakes come from it (offline,
-cached, or online every step); theta trains on B real + B fake pairs with the fused loss; the
-round's best checkpoint (by ``eval_fn``, else the last) becomes the next reference.
+Per round: the reference is the best model so far; fakes come from it (offline, cached, or online
+every step); theta trains on B real + B fake pairs with the fused loss of Eq. 13,
+L = -E_data log sigma(beta r) - alpha E_ref log sigma(-beta r), r = log p_theta - log p_ref;
+the round's best checkpoint (by ``eval_fn``, else the last) becomes the next reference.
 
 Determinism: every random draw of step s comes from a generator seeded by (seed, s), and the real
 data order by (seed, epoch); with the step counter as the only state, a resumed run, or a run on
 2 ranks with the same global batch, replays the same numbers.
+
+Host syncs: none per step in steady state. Metrics stay on the device until a flush (every
+``log_every`` steps: one ``.tolist()``); the non-finite guard decides on the device
+(:class:`~ddo_fast.training.metrics.NonFiniteGuard`).
 """
 
 from __future__ import annotations
 
-import copy
-import csv
 import gc
 import hashlib
 import os
@@ -27,10 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..adapters import Adapter
+from ..adapters import Adapter, Batch
 from . import checkpoint
 from .config import TrainConfig
 from .data import RealData, balanced_labels, generator
+from .metrics import CsvLog, NonFiniteGuard, StepLog, step_stats
+from .state import Best, TrainState, adam, clone_state, trainable, update_ema
 
 EvalFn = Callable[[nn.Module], "float | dict[str, float]"]
 Sampler = Callable[..., torch.Tensor]
@@ -46,29 +51,54 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------------------------ helpers
-def _setup_distributed(device_hint: str | None) -> tuple[int, int, bool]:
-    """(rank, world, we_initialised) under torchrun; (0, 1, False) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+@dataclass
+class Run:
+    """What stays fixed during a run: settings, data, placement, logs."""
+
+    cfg: TrainConfig
+    adapter: Adapter
+    sample: Sampler  # sample(model, n, labels, generator, device, shape)
+    data: RealData
+    shape: tuple[int, ...]
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    net: nn.Module  # theta, DDP-wrapped on several ranks
+    params: list[nn.Parameter]
+    eval_fn: EvalFn | None
+    guard: NonFiniteGuard
+    log: StepLog
+    evals: CsvLog
+
+
+# ------------------------------------------------------------------------------- placement
+def pick_device(requested: str | None, world: int, local_rank: int) -> torch.device:
+    """cfg.device, else cuda if available, else cpu; under torchrun a bare "cuda" (or None) is
+    cuda:LOCAL_RANK, so that ranks do not all land on cuda:0."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and (world > 1 or requested is None):
+        device = torch.device("cuda", local_rank if world > 1 else 0)
+    return device
+
+
+def setup_distributed(requested: str | None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world, device, we_initialised) under torchrun; (0, 1, device, False) otherwise.
+
+    The rank's GPU becomes the current device BEFORE the process group starts: NCCL, DDP and
+    every default-device allocation then use it.
+    """
+    initialised = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(requested, world, int(os.environ.get("LOCAL_RANK", "0")))
     if world <= 1:
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    use_cuda = torch.cuda.is_available() and (device_hint or "cuda").startswith("cuda")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
-def _device(cfg: TrainConfig, world: int) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
-    return torch.device("cpu")
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return 0, 1, device, False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if initialised:
+        return dist.get_rank(), world, device, False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, True
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -86,67 +116,201 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-        e.copy_(b)
+# --------------------------------------------------------------------------------- fakes
+def fake_pool(run: Run, state: TrainState, fake_data: Any = None) -> Batch | None:
+    """This round's fakes x ~ p_ref (Sec. 3.4: regenerated from each round's reference).
 
-
-def _score(result: float | dict[str, float]) -> dict[str, float]:
-    return {"eval": float(result)} if isinstance(result, (int, float)) else dict(result)
-
-
-def _better(cfg: TrainConfig, new: dict[str, float], old: dict[str, float] | None) -> bool:
-    if cfg.select_best_by == "last" or old is None:
-        return True
-    mode, _, key = cfg.select_best_by.partition(":")
-    if key not in new:
-        raise KeyError(f"select_best_by={cfg.select_best_by!r} but eval_fn returned {list(new)}")
-    return new[key] < old[key] if mode == "min" else new[key] > old[key]
-
-
-class _CsvLog:
-    """Appends rows to a CSV (rank 0); on resume keeps only rows up to the checkpoint step."""
-
-    def __init__(self, path: Path, enabled: bool, keep_until: int | None = None) -> None:
-        self.path, self.enabled, self.fields = path, enabled, None
-        if enabled and keep_until is not None and path.exists():
-            with open(path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
-            self.fields = list(rows[0]) if rows else None
-            with open(path, "w", newline="") as f:
-                if rows:
-                    w = csv.DictWriter(f, fieldnames=self.fields)
-                    w.writeheader()
-                    w.writerows(rows)
-        elif enabled and path.exists():
-            path.unlink()
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        new = self.fields is None
-        if new:
-            self.fields = list(row)
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
-
-
-def _tensorboard(out: Path, enabled: bool):
-    if not enabled:
+    Round 0 may use ``fake_data``; otherwise ``fake_samples_per_round`` class-balanced samples
+    of the reference, cached under out/fakes by (ref weights, round, sampler, seed, n, shape).
+    None = online fakes (a fresh batch every step).
+    """
+    cfg = run.cfg
+    if state.round == 0 and fake_data is not None:
+        pool = fake_data if isinstance(fake_data, (tuple, list)) else (fake_data, None)
+        return pool[0], pool[1]
+    n = cfg.fake_samples_per_round
+    if n == 0:
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
+    ident = (weights_digest(state.ref), state.round, run.adapter.sampler_config(), cfg.seed, n)
+    key = hashlib.sha256(repr(ident + (run.shape,)).encode()).hexdigest()[:16]
+    path = run.out / "fakes" / f"round-{state.round:03d}-{key}.pt"
+    if run.rank == 0 and not path.exists():
+        g = generator(cfg.seed, "fakes", state.round)
+        labels = balanced_labels(run.data.num_classes(), n, g)
+        t0 = time.time()
+        x = run.sample(state.ref, n, labels, g, run.device, run.shape).cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"x": x, "labels": labels}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)  # atomic: a killed write leaves no pool
+        secs = time.time() - t0
+        print(f"round {state.round}: {n} fakes from the reference in {secs:.1f}s -> {path}")
+    if run.world > 1:
+        dist.barrier()
+    blob = torch.load(path, weights_only=True)
+    return blob["x"], blob["labels"]
 
-        return SummaryWriter(str(out / "tensorboard"))
-    except Exception:  # tensorboard is optional
+
+def draw_batch(run: Run, state: TrainState, pool: Batch | None) -> tuple[Batch, Batch, dict]:
+    """This rank's share of step s's B real and B fake samples and the shared noise, on the
+    device (drawn on the CPU from step-seeded generators: the same on any device or rank)."""
+    cfg, step = run.cfg, state.global_step
+    local = cfg.batch_size // run.world
+    mine = slice(run.rank * local, (run.rank + 1) * local)
+    g = generator(cfg.seed, "step", step)
+    noise = run.adapter.draw(cfg.batch_size, run.shape, g)
+    idx = run.data.indices(cfg.seed, step * cfg.batch_size, cfg.batch_size)
+    real = run.data.get(idx[mine])
+    if pool is not None:
+        fidx = torch.randint(len(pool[0]), (cfg.batch_size,), generator=g)[mine]
+        fake = (pool[0][fidx], None if pool[1] is None else pool[1][fidx])
+    else:  # online: a fresh global fake batch from the reference, real batch's labels
+        all_y = run.data.get(idx)[1]
+        g_online = generator(cfg.seed, "online", step)
+        x = run.sample(state.ref, cfg.batch_size, all_y, g_online, run.device, run.shape)
+        fake = (x[mine], None if all_y is None else all_y[mine])
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        if run.device.type != "cuda" or t.is_cuda:
+            return t.to(run.device)
+        # pinned + non_blocking: a pageable host-to-device copy would wait for the GPU's queue
+        return t.pin_memory().to(run.device, non_blocking=True)
+
+    def put_batch(b: Batch) -> Batch:
+        return put(b[0]), None if b[1] is None else put(b[1])
+
+    return put_batch(real), put_batch(fake), {k: put(v[mine]) for k, v in noise.items()}
+
+
+# ------------------------------------------------------------------------------- selection
+def select_best(
+    cfg: TrainConfig, best: Best | None, score: dict[str, float] | None, model: nn.Module, step: int
+) -> Best | None:
+    """The better of ``best`` and (``score``, a copy of ``model``) by ``cfg.select_best_by``.
+
+    Sec. 3.4 / the paper's practice: the next reference is the round's best checkpoint by the
+    eval metric (FID there), not the last. ``score`` None (no eval_fn) keeps ``best``.
+    """
+    if score is None:
+        return best
+    if cfg.select_best_by != "last" and best is not None:
+        mode, _, key = cfg.select_best_by.partition(":")
+        if key not in score:
+            raise KeyError(
+                f"select_best_by={cfg.select_best_by!r} but eval_fn returned {list(score)}"
+            )
+        better = score[key] < best.score[key] if mode == "min" else score[key] > best.score[key]
+        if not better:
+            return best
+    return Best(score, clone_state(model), step)
+
+
+def evaluate(run: Run, state: TrainState) -> dict[str, float] | None:
+    """eval_fn on the EMA (else theta) on every rank; rank 0's score counts on all of them, so
+    a rank-dependent eval_fn cannot make the ranks select different checkpoints."""
+    if run.eval_fn is None:
         return None
+    with torch.no_grad():
+        result = run.eval_fn(state.eval_model)
+    score = {"eval": float(result)} if isinstance(result, (int, float)) else dict(result)
+    if run.world > 1:
+        box = [score]
+        dist.broadcast_object_list(box, src=0)
+        score = box[0]
+    where = {"round": state.round, "step": state.global_step, "step_in_round": state.step_in_round}
+    run.evals.write([where | score])
+    return score
+
+
+def consider(run: Run, state: TrainState) -> None:
+    """Evaluate the current model and keep it if it is the round's best so far."""
+    flush(run, state)  # rows and the non-finite verdict come before an eval
+    score = evaluate(run, state)
+    state.best = select_best(run.cfg, state.best, score, state.eval_model, state.step_in_round)
+
+
+# ---------------------------------------------------------------------- host-side bookkeeping
+def flush(run: Run, state: TrainState) -> None:
+    """Moves pending metrics to the host (one sync) and raises on a non-finite step in
+    ``nonfinite="raise"`` mode (the guard has kept the weights from before it)."""
+    bad = run.log.flush(stop_at_nonfinite=run.cfg.nonfinite == "raise")
+    if run.log.history:
+        state.skipped = run.log.history[-1]["skipped"]
+    if bad is not None:
+        raise FloatingPointError(
+            f"ddo_fast.train: non-finite loss ({bad['loss']}) or gradient norm "
+            f"({bad['grad_norm']}) at round {bad['round']}, step {bad['step'] - 1}; the optimizer "
+            "step was not taken. Lower lr or beta, check the data, or set "
+            "TrainConfig(nonfinite='skip') to skip such steps."
+        )
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    flush(run, state)  # metrics.csv holds every row up to the checkpoint's step
+    if run.rank == 0:
+        sd = state.state_dict()
+        sd["meta"]["config"] = asdict(run.cfg)
+        checkpoint.save(run.out / "checkpoints", state.global_step, **sd)
+    if run.world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------- steps
+def train_step(run: Run, state: TrainState, real: Batch, fake: Batch, noise: dict) -> None:
+    """One Adam step on the DDO loss (Eq. 13) of B real + B fake pairs; no host sync."""
+    cfg, opt = run.cfg, state.optimizer
+    warm = min(1.0, (state.step_in_round + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    lr = cfg.lr * warm  # linear warmup, restarted every round
+    for group in opt.param_groups:
+        group["lr"] = lr
+    res = run.adapter.loss(run.net, state.ref, real, fake, noise, alpha=cfg.alpha, beta=cfg.beta)
+    opt.zero_grad(set_to_none=True)
+    res.loss.backward()
+    max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    apply, finite = run.guard(res.loss, grad_norm)
+    opt.found_inf = (~apply).float()  # fused Adam: 1 = this update is not applied
+    opt.step()
+    if state.ema is not None:
+        update_ema(state.ema, state.model, cfg.ema, apply)
+    state.global_step += 1
+    state.step_in_round += 1
+    stats = step_stats(res.loss, res.logratio, grad_norm, run.guard.skipped, finite)
+    where = {"round": state.round, "step": state.global_step, "step_in_round": state.step_in_round}
+    run.log.push(where | {"lr": lr}, stats)
+
+
+def run_round(run: Run, state: TrainState, pool: Batch | None) -> None:
+    """The steps of one round from ``state.step_in_round`` on, with its evals and checkpoints."""
+    cfg = run.cfg
+    while state.step_in_round < cfg.steps_per_round:
+        train_step(run, state, *draw_batch(run, state, pool))
+        k = state.step_in_round
+        last = k == cfg.steps_per_round
+        if k % cfg.log_every == 0:
+            flush(run, state)
+        if (cfg.eval_every and k % cfg.eval_every == 0) or last:
+            consider(run, state)
+        if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not last:
+            save_checkpoint(run, state)
+
+
+def end_round(run: Run, state: TrainState, seconds: float) -> None:
+    """The round's best model becomes theta, the EMA and the next reference (Sec. 3.4)."""
+    flush(run, state)
+    chosen = state.best or Best({}, clone_state(state.eval_model), state.step_in_round)
+    if run.world > 1:  # rank 0's weights, bit for bit, on every rank
+        for t in chosen.state.values():
+            dist.broadcast(t, src=0)
+    for m in state.modules():
+        m.load_state_dict(chosen.state)
+    summary = {"round": state.round, "best_step_in_round": chosen.step, "skipped": state.skipped}
+    summary |= {"seconds": round(seconds, 2)} | chosen.score
+    state.round_metrics.append(summary)
+    if run.rank == 0:
+        text = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        print("round " + ", ".join(text))
+    state.next_round(adam(run.params, run.cfg))
+    save_checkpoint(run, state)
 
 
 # --------------------------------------------------------------------------------------- train
@@ -174,48 +338,26 @@ def train(
         eval_fn: ``eval_fn(model) -> float | dict``; drives best-checkpoint selection.
     """
     cfg = config
-    rank, world, owns_pg = _setup_distributed(cfg.device)
+    # ---------------------------------------------------------------- placement and folders
+    rank, world, device, owns_pg = setup_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(
             f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over {world} ranks"
         )
-    device = _device(cfg, world)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.out_dir) if cfg.out_dir else Path.cwd() / f"ddo-train-{stamp}"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     data = RealData(real_data)
-    shape = data.sample_shape()
-    num_classes = data.num_classes()
-    local_batch = cfg.batch_size // world
-    sample = sampler or (lambda m, n, lab, g, dev, shp: adapter.sample(m, n, lab, g, dev, shp))
 
-    # DDO needs theta and ref to compute the same function at theta = ref: dropout off (eval
-    # mode) for both; gradients still flow in eval mode.
-    model.to(device).eval()
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(
-            "ddo_fast.train: the model has no parameter with requires_grad=True; "
-            "call model.requires_grad_(True) on the parts to fine-tune"
-        )
+    # ------------------------------------------------ state: theta, ref, EMA, Adam; resume
+    state = TrainState.create(model.to(device), cfg)
+    params = trainable(model)
     net = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    def new_optimizer() -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    opt = new_optimizer()
-    global_step = round_idx = step_in_round = skipped = 0
-    best: dict[str, Any] | None = None  # {"score", "state", "step"} of the round
-    round_metrics: list[dict[str, Any]] = []
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ckpt_root = out / "checkpoints"
-
     found = checkpoint.latest(ckpt_root) if cfg.resume else None
     if cfg.resume and found is None and rank == 0:
         warnings.warn(
@@ -224,244 +366,80 @@ def train(
             stacklevel=2,
         )
     if found is not None:
-        weights, st = checkpoint.load(found)
-        model.load_state_dict(weights["model"])
-        ref.load_state_dict(weights["ref"])
-        if ema is not None:
-            ema.load_state_dict(weights["ema"])
-        opt.load_state_dict(st["optimizer"])
-        global_step, round_idx = st["global_step"], st["round"]
-        step_in_round, skipped = st["step_in_round"], st["skipped"]
-        round_metrics = st["round_metrics"]
-        if "best" in weights:
-            best = {"score": st["best_score"], "state": weights["best"], "step": st["best_step"]}
+        weights, meta = checkpoint.load(found)
+        state.load_state_dict({"weights": weights, "meta": meta})
         if rank == 0:
-            print(f"resumed from {found} (round {round_idx}, step {global_step})")
+            old = " (a format-1 checkpoint, upgraded)" if meta.get("upgraded_from") else ""
+            print(f"resumed from {found}{old} (round {state.round}, step {state.global_step})")
 
-    log = _CsvLog(out / "metrics.csv", rank == 0, keep_until=global_step if found else None)
-    eval_log = _CsvLog(out / "evals.csv", rank == 0, keep_until=global_step if found else None)
-    tb = _tensorboard(out, rank == 0)
-    history: list[dict[str, float]] = []
+    # ------------------------------------------------------------------------------ logs
+    at = state.global_step if found else None
+    run = Run(
+        cfg=cfg,
+        adapter=adapter,
+        sample=sampler or adapter.sample,
+        data=data,
+        shape=data.sample_shape(),
+        device=device,
+        rank=rank,
+        world=world,
+        out=out,
+        net=net,
+        params=params,
+        eval_fn=eval_fn,
+        guard=NonFiniteGuard(cfg.nonfinite, device, state.skipped, world),
+        log=StepLog(out, rank == 0, resume_step=at),
+        evals=CsvLog(out / "evals.csv", rank == 0, None if at is None else _evals_kept(state)),
+    )
 
-    def eval_model() -> nn.Module:
-        return ema if ema is not None else model
-
-    def evaluate(step_in: int) -> dict[str, float] | None:
-        if eval_fn is None:
-            return None
-        with torch.no_grad():
-            score = _score(eval_fn(eval_model()))
-        eval_log.write({"round": round_idx, "step": global_step, "step_in_round": step_in} | score)
-        return score
-
-    def consider(score: dict[str, float] | None, step_in: int) -> None:
-        nonlocal best
-        if score is not None and _better(cfg, score, best and best["score"]):
-            best = {"score": score, "state": _state(eval_model()), "step": step_in}
-
-    def save_checkpoint() -> None:
-        weights = {"model": model.state_dict(), "ref": ref.state_dict()}
-        if ema is not None:
-            weights["ema"] = ema.state_dict()
-        st = {
-            "global_step": global_step,
-            "round": round_idx,
-            "step_in_round": step_in_round,
-            "skipped": skipped,
-            "optimizer": opt.state_dict(),
-            "round_metrics": round_metrics,
-            "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
-        }
-        if best is not None:
-            weights["best"] = best["state"]
-            st |= {"best_score": best["score"], "best_step": best["step"]}
-        if rank == 0:
-            checkpoint.save(ckpt_root, global_step, weights, st)
-        if world > 1:
-            dist.barrier()
-
-    def fake_pool() -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if round_idx == 0 and fake_data is not None:
-            pool = fake_data if isinstance(fake_data, (tuple, list)) else (fake_data, None)
-            return pool[0], pool[1]
-        n = cfg.fake_samples_per_round
-        if n == 0:
-            return None
-        key = hashlib.sha256(
-            repr(
-                (weights_digest(ref), round_idx, adapter.sampler_config(), cfg.seed, n, shape)
-            ).encode()
-        ).hexdigest()[:16]
-        path = out / "fakes" / f"round-{round_idx:03d}-{key}.pt"
-        if rank == 0 and not path.exists():
-            g = generator(cfg.seed, "fakes", round_idx)
-            labels = balanced_labels(num_classes, n, g)
-            t0 = time.time()
-            x = sample(ref, n, labels, g, device, shape).cpu()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"x": x, "labels": labels}, path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)
-            print(
-                f"round {round_idx}: {n} fakes from the reference in {time.time() - t0:.1f}s "
-                f"-> {path}"
-            )
-        if world > 1:
-            dist.barrier()
-        blob = torch.load(path, weights_only=True)
-        return blob["x"], blob["labels"]
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
-
-    while round_idx < cfg.rounds:
+    # ----------------------------------------------------- self-play rounds (Sec. 3.4)
+    while state.round < cfg.rounds:
         t_round = time.time()
-        pool = fake_pool()
-        if step_in_round == 0:
-            best = None
-            consider(evaluate(0), 0)  # the round's starting model is a candidate too
-        bar = None
-        if tqdm is not None and rank == 0:
-            bar = tqdm(
-                total=cfg.steps_per_round,
-                initial=step_in_round,
-                disable=None,
-                desc=f"round {round_idx + 1}/{cfg.rounds}",
-                leave=False,
-            )
-        while step_in_round < cfg.steps_per_round:
-            g = generator(cfg.seed, "step", global_step)
-            noise = adapter.draw(cfg.batch_size, shape, g)
-            idx = data.indices(cfg.seed, global_step * cfg.batch_size, cfg.batch_size)
-            mine = slice(rank * local_batch, (rank + 1) * local_batch)
-            real_x, real_y = data.get(idx[mine])
-            if pool is not None:
-                fidx = torch.randint(len(pool[0]), (cfg.batch_size,), generator=g)[mine]
-                fake_x = pool[0][fidx]
-                fake_y = None if pool[1] is None else pool[1][fidx]
-            else:  # online: a fresh global fake batch from the reference, real batch's labels
-                all_y = data.get(idx)[1]
-                fake_x = sample(
-                    ref,
-                    cfg.batch_size,
-                    all_y,
-                    generator(cfg.seed, "online", global_step),
-                    device,
-                    shape,
-                )[mine]
-                fake_y = None if all_y is None else all_y[mine]
-            real = (real_x.to(device), None if real_y is None else real_y.to(device))
-            fake = (fake_x.to(device), None if fake_y is None else fake_y.to(device))
-            noise = {k: v[mine] for k, v in noise.items()}
-
-            lr = (
-                cfg.lr * min(1.0, (step_in_round + 1) / cfg.warmup_steps)
-                if cfg.warmup_steps
-                else cfg.lr
-            )
-            for group in opt.param_groups:
-                group["lr"] = lr
-            res = adapter.loss(net, ref, real, fake, noise, alpha=cfg.alpha, beta=cfg.beta)
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.grad_clip if cfg.grad_clip else float("inf")
-            )
-            finite = (torch.isfinite(res.loss.detach()) & torch.isfinite(grad_norm)).int()
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # all ranks decide together
-            if not bool(finite):
-                if cfg.nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"ddo_fast.train: non-finite loss ({res.loss.item()}) or gradient norm "
-                        f"({grad_norm.item()}) at round {round_idx}, step {global_step}; the "
-                        "optimizer step was not taken. Lower lr or beta, check the data, or set "
-                        "TrainConfig(nonfinite='skip') to skip such steps."
-                    )
-                skipped += 1
-                opt.zero_grad(set_to_none=True)
-            else:
-                opt.step()
-                if ema is not None:
-                    update_ema(ema, model, cfg.ema)
-            global_step += 1
-            step_in_round += 1
-            r = res.logratio.float()
-            r_real, r_fake = r[:local_batch], r[local_batch:]
-            row = {
-                "round": round_idx,
-                "step": global_step,
-                "step_in_round": step_in_round,
-                "loss": res.loss.item(),
-                "acc": (r_real > r_fake).float().mean().item(),
-                "margin": (r_real - r_fake).mean().item(),
-                "r_real": r_real.mean().item(),
-                "r_fake": r_fake.mean().item(),
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "skipped": skipped,
-            }
-            history.append(row)
-            log.write(row)
-            if tb is not None:
-                for k in ("loss", "acc", "margin", "r_real", "r_fake", "lr", "grad_norm"):
-                    tb.add_scalar(f"train/{k}", row[k], global_step)
-            if bar is not None:
-                bar.update(1)
-                if step_in_round % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.2f}")
-            last = step_in_round == cfg.steps_per_round
-            if (cfg.eval_every and step_in_round % cfg.eval_every == 0) or last:
-                consider(evaluate(step_in_round), step_in_round)
-            if eval_fn is None and last:
-                best = {"score": {}, "state": _state(eval_model()), "step": step_in_round}
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and not last:
-                save_checkpoint()
-        if bar is not None:
-            bar.close()
-
-        # End of round: the best model becomes theta, the EMA and the next reference.
-        chosen = (
-            best
-            if best is not None
-            else {"score": {}, "state": _state(eval_model()), "step": step_in_round}
+        pool = fake_pool(run, state, fake_data)
+        if state.step_in_round == 0:
+            consider(run, state)  # the round's starting model is a candidate too
+        run.log.start_round(
+            cfg.steps_per_round, state.step_in_round, f"round {state.round + 1}/{cfg.rounds}"
         )
-        for m in (model, ref) + ((ema,) if ema is not None else ()):
-            m.load_state_dict(chosen["state"])
-        summary = {
-            "round": round_idx,
-            "best_step_in_round": chosen["step"],
-            "skipped": skipped,
-            "seconds": round(time.time() - t_round, 2),
-        }
-        summary |= {k: v for k, v in chosen["score"].items()}
-        round_metrics.append(summary)
-        if rank == 0:
-            print(
-                "round "
-                + ", ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in summary.items()
-                )
-            )
-        round_idx += 1
-        step_in_round = 0
-        best = None
-        opt = new_optimizer()  # a fresh optimizer every round, as in the paper
-        save_checkpoint()
+        run_round(run, state, pool)
+        run.log.end_round()
+        end_round(run, state, time.time() - t_round)
 
-    if tb is not None:
-        tb.close()
+    # -------------------------------------------------------------------------- teardown
+    run.log.close()
     # theta holds the selected weights now (they were loaded into it at the end of each round)
-    result = TrainResult(model=model, metrics=round_metrics, out_dir=out, history=history)
+    result = TrainResult(
+        model=model, metrics=state.round_metrics, out_dir=out, history=run.log.history
+    )
     if owns_pg:
         # Tear down in this order, or gloo may abort at interpreter exit (seen 1 run in 7).
-        del net
+        del net, run
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return result
 
 
-__all__ = ["TrainResult", "train", "update_ema", "weights_digest"]
+def _evals_kept(state: TrainState) -> Callable[[dict[str, str]], bool]:
+    """evals.csv rows written before the checkpoint at (round R, step_in_round S): those before
+    (R, S), and the one at (R, S) itself only mid-round (a round's first eval follows its
+    round-start checkpoint)."""
+    at = (state.round, state.step_in_round)
+
+    def keep(row: dict[str, str]) -> bool:
+        pos = (int(row["round"]), int(row["step_in_round"]))
+        return pos < at or (pos == at and at[1] > 0)
+
+    return keep
+
+
+__all__ = [
+    "TrainResult",
+    "TrainState",
+    "fake_pool",
+    "run_round",
+    "select_best",
+    "train",
+    "update_ema",
+    "weights_digest",
+]
