@@ -19,13 +19,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ar_ddo_fwd_cpu(
   const Reduction red = to_reduction(reduction);
   auto [logp, stats] = token_rows_forward(logits, targets, ignore_index);
   const int64_t batch = logp.size(0);
-  // Sum over tokens in double: sequences of hundreds of tokens lose digits in fp32 otherwise.
-  at::Tensor logratio = logp.sum(1, /*keepdim=*/false, at::kDouble);
+  // Sum over tokens in double (sequences of hundreds of tokens lose digits in fp32), then round
+  // to fp32: the very value sequence_logprob returns. r = that value - ref_logprob (in double,
+  // exact for every float dtype) is then exactly 0 where theta = ref and ref_logprob came from
+  // sequence_logprob of the same logits, as DDO needs at the start of every round.
+  at::Tensor logratio = logp.sum(1, /*keepdim=*/false, at::kDouble).to(at::kFloat);
   if (ref_logprob.has_value()) {
     check_batch_vector(*ref_logprob, batch, "ref_logprob");
-    logratio = logratio - ref_logprob->to(at::kDouble);  // exact for every float dtype
+    logratio = (logratio.to(at::kDouble) - ref_logprob->to(at::kDouble)).to(at::kFloat);
   }
-  logratio = logratio.to(at::kFloat);
   if (!is_real.has_value()) {
     return {at::empty({0}, logp.options()), logratio, at::ones({2}, logp.options()), stats};
   }

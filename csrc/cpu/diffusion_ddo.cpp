@@ -79,7 +79,9 @@ double chunk_sum(const P* p, const Q* q, const T* t, int64_t n) {
     const M tv = static_cast<M>(t[i]);
     const M dp = static_cast<M>(p[i]) - tv;
     const M dq = static_cast<M>(q[i]) - tv;
-    acc += dp * dp - dq * dq;
+    // (dp - dq)(dp + dq), not dp^2 - dq^2: exactly 0 where pred == pred_ref (theta = ref gives
+    // r = 0 to the bit, whatever FMA contraction the compiler picks), and no cancellation.
+    acc += (dp - dq) * (dp + dq);
   }
   return static_cast<double>(acc);
 }
