@@ -1,5 +1,9 @@
 """Fused-linear AR DDO loss (hidden + head weight in) vs the unfused path (linear, then the fused
-``ar_ddo_loss``): peak extra memory and forward+backward time.
+``ar_ddo_loss``): peak extra memory and forward+backward time, for both fused paths: ``fused``
+(the default call: the single-pass path, gradients computed in the forward, 3 matmuls) and
+``recompute`` (``return_logratio=True`` forces the path that recomputes the logits in the
+backward, 4 matmuls; also what runs where one sequence's logits exceed the chunk budget, as at
+V = 128256 below).
 
 As a script (``python benchmarks/bench_fused_linear_ar_ddo.py [--reps 7] [--json out.json]``)
 it prints a table and writes JSON; under pytest-benchmark (``pytest benchmarks/
@@ -41,7 +45,8 @@ F32 = torch.float32
 # vocabulary at a short batch.
 MEMORY_SHAPES = [(8, 680, 1024, 4096), (2, 1024, 512, 128256)]
 TIME_SHAPES = [(8, 680, 1024, 4096)]
-PROVIDERS = ("unfused", "fused")
+PROVIDERS = ("unfused", "fused", "recompute")
+FUSED = PROVIDERS[1:]
 MEMORY_TARGET, TIME_TARGET = 0.15, 1.3  # fused / unfused
 
 QUICK = [((8, 680, 1024, 4096), F32)]
@@ -71,7 +76,14 @@ def fused(hidden, weight, targets, ref, is_real):
     return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
 
-STEPS = {"unfused": unfused, "fused": fused}
+def recompute(hidden, weight, targets, ref, is_real):
+    loss, _ = ddo_fast.fused_linear_ar_ddo_loss(
+        hidden, weight, targets, ref, is_real, beta=0.02, return_logratio=True
+    )
+    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+
+STEPS = {"unfused": unfused, "fused": fused, "recompute": recompute}
 
 
 def make_case(shape, dtype, device) -> Case:
@@ -182,6 +194,13 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return _load()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
@@ -190,56 +209,69 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-time", action="store_true")
     args = parser.parse_args(argv)
     info = machine()
-    result: dict = {"machine": info, "load_before": _load(), "memory": [], "time": []}
+    result: dict = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": info,
+        "load_before": _load(),
+        "uptime_before": _uptime(),
+        "memory": [],
+        "time": [],
+    }
     print(
         f"CPU: {info['cpu']} ({info['cpus']} CPUs, torch threads {info['threads']}), "
-        f"torch {info['torch']}; load average {result['load_before']}"
+        f"torch {info['torch']}\nuptime: {result['uptime_before']}"
     )
     mib = 2**20
     if not args.skip_memory:
         print("\npeak extra memory of one forward+backward (MiB; extra = peak - returned grads)")
         print(
-            f"{'shape (B,L,H,V)':>24} {'unfused':>9} {'(extra)':>9} {'fused':>9} {'(extra)':>9}"
-            f" {'ratio':>7} {'target':>7}"
+            f"{'shape (B,L,H,V)':>24} {'provider':>10} {'peak':>9} {'extra':>9} "
+            f"{'ratio':>7} {'target':>7}"
         )
         for shape in MEMORY_SHAPES:
             row = {p: peak_memory(p, shape) for p in PROVIDERS}
             extra = {p: row[p]["peak"] - row[p]["grad_bytes"] for p in PROVIDERS}
-            ratio = extra["fused"] / extra["unfused"]
+            ratio = {p: extra[p] / extra["unfused"] for p in FUSED}
             result["memory"].append(
                 {"shape": shape, "dtype": "float32", **row, "extra": extra, "ratio": ratio}
             )
-            print(
-                f"{str(shape):>24} {row['unfused']['peak'] / mib:9.1f} "
-                f"{extra['unfused'] / mib:9.1f} {row['fused']['peak'] / mib:9.1f} "
-                f"{extra['fused'] / mib:9.1f} {ratio:7.3f} {'<=' + str(MEMORY_TARGET):>7}"
-            )
+            for p in PROVIDERS:
+                target = f"<={MEMORY_TARGET}" if p in FUSED else ""
+                print(
+                    f"{str(shape):>24} {p:>10} {row[p]['peak'] / mib:9.1f} "
+                    f"{extra[p] / mib:9.1f} {extra[p] / extra['unfused']:7.3f} {target:>7}"
+                )
     if not args.skip_time:
         print(f"\nforward+backward time, {args.reps} alternating reps (s): wall and process CPU")
         print(
-            f"{'shape (B,L,H,V)':>24} {'clock':>5} {'unfused p50':>12} {'fused p50':>10} "
-            f"{'ratio p50':>10} {'pair ratios':>14} {'target':>7}"
+            f"{'shape (B,L,H,V)':>24} {'clock':>5} {'provider':>10} {'unfused p50':>12} "
+            f"{'p50':>8} {'ratio p50':>10} {'pair ratios':>14} {'target':>7}"
         )
         for shape in TIME_SHAPES:
             clocks = dict(zip(("wall", "cpu"), time_providers(shape, reps=args.reps), strict=True))
             entry: dict = {"shape": shape, "dtype": "float32"}
             for clock, times in clocks.items():
                 med = {p: statistics.median(times[p]) for p in PROVIDERS}
-                pairs = sorted(f / u for f, u in zip(times["fused"], times["unfused"], strict=True))
+                pairs = {
+                    p: sorted(f / u for f, u in zip(times[p], times["unfused"], strict=True))
+                    for p in FUSED
+                }
                 entry[clock] = {
                     "times": times,
                     "p50": med,
-                    "ratio_p50": med["fused"] / med["unfused"],
+                    "ratio_p50": {p: med[p] / med["unfused"] for p in FUSED},
                     "pair_ratios": pairs,
                 }
-                print(
-                    f"{str(shape):>24} {clock:>5} {med['unfused']:12.3f} {med['fused']:10.3f} "
-                    f"{med['fused'] / med['unfused']:10.3f} "
-                    f"{pairs[0]:6.3f}-{pairs[-1]:<7.3f} {'<=' + str(TIME_TARGET):>7}"
-                )
+                for p in FUSED:
+                    print(
+                        f"{str(shape):>24} {clock:>5} {p:>10} {med['unfused']:12.3f} "
+                        f"{med[p]:8.3f} {med[p] / med['unfused']:10.3f} "
+                        f"{pairs[p][0]:6.3f}-{pairs[p][-1]:<7.3f} {'<=' + str(TIME_TARGET):>7}"
+                    )
             result["time"].append(entry)
     result["load_after"] = _load()
-    print(f"\nload average after: {result['load_after']}")
+    result["uptime_after"] = _uptime()
+    print(f"\nuptime after: {result['uptime_after']}")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.json}")

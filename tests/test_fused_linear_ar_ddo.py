@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from utils import ALL_BACKENDS, HAS_CUDA, HAS_TRITON, assert_close_scaled, rand_mask
+from utils import (
+    ALL_BACKENDS,
+    HAS_CUDA,
+    HAS_TRITON,
+    KERNEL_BACKENDS,
+    assert_close_scaled,
+    rand_mask,
+)
 
 import ddo_fast
 from ddo_fast.ops import fused_linear_ar_ddo as FL
@@ -612,3 +619,272 @@ def test_property_matches_oracle(backend, device, examples):
         )
 
     run()
+
+
+# ------------------------------------------------------------------ the single-pass fast path
+def _is_single_pass(loss: torch.Tensor) -> bool:
+    """The loss came from the single-pass op (its autograd node), not the recompute path."""
+    return "fused_linear_ar_ddo_loss" in type(loss.grad_fn).__name__
+
+
+def _check_single(
+    backend,
+    device,
+    shape,
+    h_dtype=F32,
+    w_dtype=F32,
+    with_bias=True,
+    chunk_size=None,
+    reduction="mean",
+    alpha=3.0,
+    ignore_index=-100,
+    single=True,
+    upstream=3.7,
+):
+    """Value and the gradients of ``upstream * loss`` against the oracle; a zero sample weight on
+    a real and a fake sample. ``single``: which path must have run."""
+    hidden, weight, bias, targets, ref, is_real = _to(
+        device, *_make(shape, h_dtype, w_dtype, with_bias, ignore_index)
+    )
+    sw = torch.rand(ref.shape[0], device=device) + 0.5
+    sw[:2] = 0  # is_real[0] is True, is_real[1] False (rand_mask)
+    args = dict(
+        alpha=alpha, beta=0.3, ignore_index=ignore_index, sample_weight=sw, reduction=reduction
+    )
+    loss = ddo_fast.fused_linear_ar_ddo_loss(
+        hidden,
+        weight,
+        targets,
+        ref,
+        is_real,
+        bias=bias,
+        chunk_size=chunk_size,
+        backend=backend,
+        **args,
+    )
+    assert _is_single_pass(loss) == single
+    cpu = [None if t is None else t.cpu() for t in (hidden, weight, bias, targets, ref, is_real)]
+    exp_loss, _, leaves = oracle(*cpu, **{**args, "sample_weight": sw.cpu()})
+    dtype = FL.compute_dtype(hidden, weight, bias)
+    assert loss.dtype == F32 and loss.shape == ()
+    rtol, atol = VALUE_TOL[_coarser(dtype, F32)]
+    assert_close_scaled(loss.cpu(), exp_loss, rtol=rtol, atol_frac=atol)
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad(loss * upstream, params)
+    exp_grads = torch.autograd.grad(exp_loss * upstream, [t for t in leaves if t is not None])
+    for got, want, leaf in zip(grads, exp_grads, params, strict=True):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape
+        rtol, atol = GRAD_TOL[_coarser(dtype, leaf.dtype)]
+        assert_close_scaled(got.cpu(), want, rtol=rtol, atol_frac=atol)
+    return loss, grads
+
+
+SINGLE_DTYPES = [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)]
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtypes", SINGLE_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}")
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_single_pass_matches_oracle(backend_device, dtypes, with_bias, reduction):
+    """3 sequences of 5 tokens in chunks of 2 sequences (10 tokens), upstream gradient 3.7."""
+    backend, device = backend_device
+    _check_single(
+        backend,
+        device,
+        (3, 5, 17, 37),
+        *dtypes,
+        with_bias=with_bias,
+        chunk_size=10,
+        reduction=reduction,
+    )
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize(
+    "chunk_size, single",
+    [
+        (5, True),
+        (9, True),
+        (10, True),
+        (20, True),
+        (100, True),
+        (None, True),
+        (1, False),
+        (4, False),
+    ],
+)
+def test_single_pass_chunks(backend_device, chunk_size, single):
+    """Chunks of 1 (5, 9 tokens), 2, all 4 and more sequences, the default; a chunk shorter than
+    one sequence (1, 4 tokens) takes the recompute path."""
+    backend, device = backend_device
+    _check_single(backend, device, (4, 5, 9, 29), chunk_size=chunk_size, single=single)
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_single_pass_alpha_zero_and_ignore_index(backend_device):
+    """alpha = 0 (no fake term) with a custom ignore_index and a fully ignored sequence."""
+    backend, device = backend_device
+    hidden, weight, bias, targets, ref, is_real = _to(device, *_make((4, 3, 6, 13)))
+    targets = torch.where((targets == 7) | (targets < 0), 0, targets)
+    targets[2] = 7
+    targets[0, 1] = 7
+    loss = ddo_fast.fused_linear_ar_ddo_loss(
+        hidden,
+        weight,
+        targets,
+        ref,
+        is_real,
+        bias=bias,
+        alpha=0.0,
+        ignore_index=7,
+        chunk_size=6,
+        backend=backend,
+    )
+    assert _is_single_pass(loss)
+    cpu = [t.cpu() for t in (hidden, weight, bias, targets, ref, is_real)]
+    exp_loss, _, leaves = oracle(*cpu, alpha=0.0, ignore_index=7)
+    assert_close_scaled(loss.cpu(), exp_loss, rtol=2e-5, atol_frac=2e-5)
+    got = torch.autograd.grad(loss, (hidden, weight, bias))
+    want = torch.autograd.grad(exp_loss, leaves)
+    for g, e in zip(got, want, strict=True):
+        assert_close_scaled(g.cpu(), e, rtol=2e-5, atol_frac=2e-5)
+    assert torch.all(got[0][2] == 0) and torch.all(got[0][0, 1] == 0)
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_single_pass_sub_blocks(backend_device, monkeypatch):
+    """The logits gradient written back in sub-blocks of 3 rows (not dividing a 10-row chunk)."""
+    backend, device = backend_device
+    monkeypatch.setattr(FL, "SUB_BLOCK_BYTES", 3 * 29 * 4)
+    _check_single(backend, device, (4, 5, 9, 29), chunk_size=10)
+    _check_single(backend, device, (4, 5, 9, 29), BF16, BF16, chunk_size=10)
+
+
+def test_single_pass_long_sequence_falls_back(monkeypatch):
+    """One sequence's logits over the default chunk budget: the recompute path, same values."""
+    shape = (3, 6, 8, 64)  # one sequence: 6 * 64 * 4 bytes of fp32 logits
+    _check_single("cpp", "cpu", shape, chunk_size=None, single=True)
+    monkeypatch.setattr(FL, "CHUNK_BUDGET_BYTES", 5 * 64 * 4)
+    _check_single("cpp", "cpu", shape, chunk_size=None, single=False)
+
+
+def test_single_pass_only_when_every_gradient_is_wanted():
+    """No grad mode: the plain forward (same value); a frozen input: the recompute path."""
+    hidden, weight, bias, targets, ref, is_real = _make((3, 4, 8, 23))
+    kw = dict(bias=bias, chunk_size=8, reduction="sum")
+    loss = ddo_fast.fused_linear_ar_ddo_loss(hidden, weight, targets, ref, is_real, **kw)
+    assert _is_single_pass(loss)
+    with torch.no_grad():
+        plain = ddo_fast.fused_linear_ar_ddo_loss(hidden, weight, targets, ref, is_real, **kw)
+    assert plain.grad_fn is None
+    torch.testing.assert_close(plain, loss.detach(), rtol=1e-6, atol=1e-6)
+    frozen = ddo_fast.fused_linear_ar_ddo_loss(hidden, weight.detach(), targets, ref, is_real, **kw)
+    assert not _is_single_pass(frozen)
+    got = torch.autograd.grad(frozen, (hidden, bias))
+    want = torch.autograd.grad(loss, (hidden, bias))
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_single_pass_agrees_with_recompute(backend_device, reduction):
+    """The same loss through both paths (return_logratio=True forces the recompute path)."""
+    backend, device = backend_device
+    hidden, weight, bias, targets, ref, is_real = _to(device, *_make((4, 6, 12, 41)))
+    kw = dict(bias=bias, alpha=1.5, beta=0.4, reduction=reduction, chunk_size=12, backend=backend)
+    fast = ddo_fast.fused_linear_ar_ddo_loss(hidden, weight, targets, ref, is_real, **kw)
+    slow, _ = ddo_fast.fused_linear_ar_ddo_loss(
+        hidden, weight, targets, ref, is_real, return_logratio=True, **kw
+    )
+    assert _is_single_pass(fast) and not _is_single_pass(slow)
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    params = (hidden, weight, bias)
+    for f, s in zip(
+        torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True
+    ):
+        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-6)
+
+
+def test_single_pass_second_backward():
+    """Upstream 3.7 scales the gradients exactly; a second backward through the same graph and
+    a double backward raise instead of returning twice-scaled / wrong gradients."""
+    hidden, weight, bias, targets, ref, is_real = _make((3, 4, 8, 23))
+    params = (hidden, weight, bias)
+
+    def loss_fn():
+        return ddo_fast.fused_linear_ar_ddo_loss(
+            hidden, weight, targets, ref, is_real, bias=bias, chunk_size=8
+        )
+
+    unit = torch.autograd.grad(loss_fn(), params)
+    scaled = torch.autograd.grad(loss_fn() * 3.7, params)
+    for u, s in zip(unit, scaled, strict=True):
+        torch.testing.assert_close(s, u * 3.7, rtol=1e-6, atol=0)
+    loss = loss_fn()
+    first = torch.autograd.grad(loss * 3.7, params, retain_graph=True)
+    kept = [g.clone() for g in first]
+    with pytest.raises(RuntimeError, match="inplace"):
+        torch.autograd.grad(loss, params)
+    for g, k in zip(first, kept, strict=True):
+        assert torch.equal(g, k)  # the first backward's gradients were not touched
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss_fn(), params, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_pass_opcheck(device):
+    """The forward op: schema, fakes and autograd registration. Its backward scales the op's own
+    gradient outputs in place (they are the saved gradients, never returned to users), which
+    AOT dispatch cannot express for an op whose outputs escape, so test_aot_dispatch_dynamic
+    runs on the backward op alone here and on the forward through the public function in the
+    compile tests."""
+    fwd = torch.ops.ddo_fast.fused_linear_ar_ddo_loss_fwd.default
+    for h_dtype, w_dtype, with_bias, code, chunk in [
+        (F32, F32, True, 1, 1),
+        (F32, F32, False, 2, 3),
+        (BF16, BF16, True, 1, 2),
+        (BF16, F32, True, 2, 1),
+    ]:
+        hidden, weight, bias, targets, ref, is_real = _to(
+            device, *_make((3, 4, 6, 11), h_dtype, w_dtype, with_bias)
+        )
+        sw = torch.rand(3, device=device)
+        args = (hidden, weight, bias, targets, ref, is_real, sw, 2.0, 0.5, -100, code, chunk)
+        torch.library.opcheck(
+            fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+        )
+    bwd = torch.ops.ddo_fast.fused_linear_ar_ddo_loss_bwd.default
+    grads = (torch.randn(3, 4, 6), torch.randn(11, 6).bfloat16(), torch.randn(11))
+    torch.library.opcheck(bwd, (torch.tensor(3.7), *_to(device, *grads)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_pass_torch_compile_parity(device):
+    backend = "cpp" if device == "cpu" else "triton"
+    hidden, weight, _, targets, ref, is_real = _to(device, *_make((4, 5, 8, 23)))
+    sw = torch.tensor([0.0, 1.0, 2.0, 0.5], device=device)
+
+    def step(hidden, weight):
+        loss = ddo_fast.fused_linear_ar_ddo_loss(
+            hidden,
+            weight,
+            targets,
+            ref,
+            is_real,
+            sample_weight=sw,
+            reduction="sum",
+            chunk_size=10,
+            backend=backend,
+        )
+        return loss * 3.7
+
+    eager = step(hidden, weight)
+    assert "fused_linear_ar_ddo_loss" in type(eager.grad_fn.next_functions[0][0]).__name__
+    eager_grads = torch.autograd.grad(eager, (hidden, weight))
+    compiled = torch.compile(step, fullgraph=True)(hidden, weight)
+    compiled_grads = torch.autograd.grad(compiled, (hidden, weight))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

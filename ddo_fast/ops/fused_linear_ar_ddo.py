@@ -4,11 +4,42 @@ Same value and gradients as ``ar_ddo_loss(hidden @ weight.T + bias, ...)`` (Zhen
 Eq. 13 with ``log p(x_b) = sum_l log_softmax(z_{b,l})[y_{b,l}]``, ``z = h W^T + b``), with memory
 that does not grow with ``B * L * V``.
 
-Design (and why). The DDO coefficient ``k_b = d loss / d r_b`` needs the whole sequence's log-prob,
-so no chunk's gradient can be finished in the forward (unlike a fused linear cross-entropy, whose
-per-token gradient is known at once). Keeping per-sequence weight-gradient partials instead would
-cost ``B * V * H``. So the work is split into one custom operator pair over flattened tokens
-``N = B * L`` (or the packed ``[N, H]`` form), processed in row chunks of ``chunk_size`` tokens:
+Two paths, chosen in Python from metadata only (no device sync):
+
+1. Single pass (the default for a training step): the loss is a scalar (``reduction`` "mean" or
+   "sum"), ``return_logratio=False``, grad mode is on and hidden, weight (and bias) all require
+   gradients, the batched [B, L, H] form, and one sequence's logits fit the chunk budget. The
+   loss is then a scalar function of (hidden, weight, bias) alone, so its whole gradient is
+   computed in the forward and the backward only scales it by the upstream gradient ``g``
+   (exact: ``d(g L)/d theta = g dL/d theta``). Chunks hold WHOLE sequences, so ``r_b`` is
+   complete after a chunk's logits, and ``k_b = d loss / d r_b`` comes from the loss head's
+   backward (``ddo_loss_bwd`` with upstream 1 and the whole batch's ``group_scale``, which needs
+   only ``is_real``). Op pair ``fused_linear_ar_ddo_loss_fwd(hidden [B, L, H], weight, bias?,
+   targets, ref_logprob, is_real, sample_weight?, alpha, beta, ignore_index, reduction,
+   chunk_sequences) -> (loss, d hidden, d weight, d bias)`` (the gradients in the parameters'
+   dtypes, non-differentiable outputs saved for the backward) and
+   ``fused_linear_ar_ddo_loss_bwd(grad_out, d hidden!, d weight!, d bias!)``, which scales them
+   IN PLACE (a copy would double the gradients' memory at the backward's peak). They are the
+   forward op's private outputs, never inputs and never returned to users; the in-place scaling
+   bumps their version counters, so a second backward through the same graph
+   (``retain_graph=True``) raises autograd's in-place error, and ``create_graph=True`` raises
+   too, rather than return wrong gradients. Per chunk: logits into a reused buffer, the row
+   kernel's ``logp``/stats, ``k_b``, then ``d z = k_b (onehot - softmax)`` from the row kernel
+   ``token_logprobs_bwd`` in sub-blocks of ``SUB_BLOCK_BYTES`` written back over the logits
+   buffer, and three matmuls (``d h = d z W``, ``d W += d z^T h``, ``d b += sum d z``, fp32
+   accumulators), as many as the unfused path. A 16-bit parameter's gradient is rounded to its
+   dtype in the forward and scaled by ``g`` (fp32 op math) in the backward: one more rounding
+   than the unfused path when ``g != 1``. The packed ``[N, H]`` + ``seq_ids`` form always
+   takes the recompute path.
+2. Recompute (everything else, including ``reduction="none"``, ``return_logratio=True``, the
+   packed form and a frozen input), below.
+
+Design of the recompute path (and why). With a per-sample output or ``r`` returned, the coefficient
+``k_b`` comes from autograd only in the backward, so no chunk's gradient can be finished in the
+forward (unlike a fused linear cross-entropy, whose per-token gradient is known at once). Keeping
+per-sequence weight-gradient partials instead would cost ``B * V * H``. So the work is split into
+one custom operator pair over flattened tokens ``N = B * L`` (or the packed ``[N, H]`` form),
+processed in row chunks of ``chunk_size`` tokens:
 
 * ``fused_linear_ar_ddo_fwd(hidden [N, H], weight [V, H], bias?, targets [N], ignore_index,
   chunk_size) -> (logp [N] fp32, stats [2, N] fp32)``: per chunk, the logits ``h_c W^T (+ b)``
@@ -27,11 +58,12 @@ The per-sequence sum (a reshape-sum, or ``index_add`` over ``seq_ids`` for packe
 per-token ``grad_n``. The price is one recomputation of the logits in the backward (4 matmuls in
 place of 3).
 
-Memory besides the inputs and the returned gradients: one chunk's working set, chosen from a
-budget (:func:`default_chunk_size`: ``max(16 MiB, weight bytes / 8)`` for the chunk's logits, its
-gradient and, for 16-bit logits, the fp32 copy the weight-gradient accumulation reads), plus the
-fp32 weight-gradient accumulator when the weight is 16-bit, and, when the dtypes differ, one copy
-of the weight (if it is the narrower one) in the promoted dtype.
+Memory besides the inputs and the returned gradients: one chunk's working set (the single pass keeps
+one copy of the chunk's logits plus a ``SUB_BLOCK_BYTES`` sub-block of their gradient, the recompute
+path two copies), chosen from a budget (:func:`default_chunk_size`: ``max(16 MiB, weight bytes /
+8)`` for the chunk's logits, its gradient and, for 16-bit logits, the fp32 copy the weight-gradient
+accumulation reads), plus the fp32 weight-gradient accumulator when the weight is 16-bit, and, when
+the dtypes differ, one copy of the weight (if it is the narrower one) in the promoted dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +75,7 @@ import torch
 
 from .. import reference
 from .._backend import DISPATCH, TORCH, resolve_backend
+from .._reduction import Reduction
 from . import _triton
 from ._common import (
     check_batch_vector,
@@ -80,12 +113,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, weight_bytes: int) -> int:
+def default_chunk_size(
+    n_tokens: int, vocab: int, dtype: torch.dtype, weight_bytes: int, *, in_place: bool = False
+) -> int:
     """Tokens per chunk so that one chunk's logits, their gradient and (16-bit logits) the fp32
-    copy of the gradient fit ``max(CHUNK_BUDGET_BYTES, weight_bytes / 8)``; at least 1."""
+    copy of the gradient fit ``max(CHUNK_BUDGET_BYTES, weight_bytes / 8)``; at least 1.
+    ``in_place``: the single-pass path, whose logits gradient overwrites the logits buffer."""
     item = torch.empty((), dtype=dtype).element_size()
     acc = _acc_dtype(dtype)
-    row = vocab * (2 * item + (torch.empty((), dtype=acc).element_size() if acc != dtype else 0))
+    fp32_copy = torch.empty((), dtype=acc).element_size() if acc != dtype else 0
+    row = vocab * ((1 if in_place else 2) * item + fp32_copy)
     budget = max(CHUNK_BUDGET_BYTES, weight_bytes // _WEIGHT_FRACTION)
     return max(1, min(max(n_tokens, 1), budget // max(row, 1)))
 
@@ -228,6 +265,179 @@ SPEC = register_op(
 )
 
 
+# ------------------------------------------------------------- the single-pass (fast) path
+_lib.define(
+    "fused_linear_ar_ddo_loss_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+    "Tensor ref_logprob, Tensor is_real, Tensor? sample_weight, float alpha, float beta, "
+    "int ignore_index, int reduction, int chunk_sequences) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "fused_linear_ar_ddo_loss_bwd(Tensor grad_out, Tensor(a!) d_hidden, Tensor(b!) d_weight, "
+    "Tensor(c!) d_bias) -> ()"
+)
+
+SUB_BLOCK_BYTES = 4 << 20  # rows per token_logprobs_bwd call (its output is a temporary): few calls
+
+
+def _single_pass_forward(
+    rows,
+    head,
+    hidden,
+    weight,
+    bias,
+    targets,
+    ref_logprob,
+    is_real,
+    sample_weight,
+    alpha,
+    beta,
+    ignore_index,
+    reduction,
+    chunk_sequences,
+):
+    """Loss and its gradients w.r.t. (hidden, weight, bias) in one pass over the logits.
+
+    ``rows`` = (token_logprobs_fwd, token_logprobs_bwd), ``head`` = (ddo_loss_fwd, ddo_loss_bwd)
+    kernels. Per chunk of ``chunk_sequences`` whole sequences: logits ``z = h W^T + b`` into a
+    reused buffer, the row kernel's ``logp`` and stats, ``r_b = sum_l logp - ref_b`` (complete:
+    the chunk holds whole sequences), ``k_b = d loss / d r_b`` from the loss head's backward with
+    upstream 1 and the whole batch's ``group_scale``, then ``d z = k_b (onehot - softmax)`` from
+    the row kernel in sub-blocks written back over ``z`` (its rows are not read again), and the
+    three products ``d h = d z W``, ``d W += d z^T h``, ``d b += sum d z`` (fp32 accumulators).
+    """
+    row_fwd, row_bwd = rows
+    loss_fwd, loss_bwd = head
+    batch, length, size = hidden.shape
+    vocab, device = weight.shape[0], hidden.device
+    dtype, w, b = _operands(hidden, weight, bias)
+    acc = _acc_dtype(dtype)
+    f32 = dict(dtype=torch.float32, device=device)
+    d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device)
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=device)
+    d_bias = None if bias is None else torch.zeros(vocab, dtype=acc, device=device)
+    r = torch.empty(batch, **f32)
+    # group_scale depends on is_real only: the loss head's own, from a zero log-ratio
+    group_scale = loss_fwd(r.new_zeros(batch), is_real, sample_weight, alpha, beta, reduction)[1]
+    one = torch.ones((), **f32)  # d loss / d loss: the upstream gradient is applied in backward
+    step = max(1, chunk_sequences)
+    buf = torch.empty(min(step, batch) * length, vocab, dtype=dtype, device=device)
+    sub = max(1, SUB_BLOCK_BYTES // max(1, vocab * buf.element_size()))
+    for b0 in range(0, batch, step):
+        b1 = min(b0 + step, batch)
+        n = (b1 - b0) * length
+        h = hidden[b0:b1].reshape(n, size).to(dtype)
+        y = targets[b0:b1].reshape(1, n)
+        z = _chunk_logits(h, w, b, dtype, buf[:n])
+        logp, stats = row_fwd(z[None], y, ignore_index)
+        r_c = logp.reshape(b1 - b0, length).sum(1) - ref_logprob[b0:b1].float()
+        r[b0:b1] = r_c
+        sw = None if sample_weight is None else sample_weight[b0:b1]
+        k = loss_bwd(one, r_c, is_real[b0:b1], sw, group_scale, alpha, beta, reduction)
+        grad = k[:, None].expand(b1 - b0, length).reshape(1, n)
+        for s0 in range(0, n, sub):
+            s1 = min(s0 + sub, n)
+            z[s0:s1] = row_bwd(
+                grad[:, s0:s1], z[None, s0:s1], y[:, s0:s1], stats[:, :, s0:s1], ignore_index
+            )[0]
+        d_h = d_hidden[b0:b1].view(n, size)
+        if hidden.dtype == dtype:
+            torch.mm(z, w, out=d_h)
+        else:
+            d_h.copy_(z @ w)
+        dz_acc, h_acc = z.to(acc), h.to(acc)
+        d_weight.addmm_(dz_acc.t(), h_acc)
+        if d_bias is not None:
+            d_bias.add_(dz_acc.sum(0))
+    loss = loss_fwd(r, is_real, sample_weight, alpha, beta, reduction)[0]
+    return (
+        loss,
+        d_hidden,
+        d_weight.to(weight.dtype),
+        hidden.new_empty((0,), dtype=weight.dtype) if d_bias is None else d_bias.to(bias.dtype),
+    )
+
+
+def _scale_(grad_out, d_hidden, d_weight, d_bias) -> None:
+    """``d *= grad_out`` in place, in each tensor's dtype with fp32 op math (a 0-d fp32 factor
+    is not rounded to a 16-bit tensor's dtype): exact, ``d(g L)/d theta = g dL/d theta``."""
+    for d in (d_hidden, d_weight, d_bias):
+        d.mul_(grad_out)
+
+
+def _single_pass_kernels(rows, head):
+    def fwd(*args):
+        return _single_pass_forward(rows, head, *args)
+
+    return fwd, _scale_
+
+
+_CPP_SINGLE = _single_pass_kernels(
+    (
+        lambda *a: torch.ops.ddo_fast.token_logprobs_fwd.default(*a),
+        lambda *a: torch.ops.ddo_fast.token_logprobs_bwd.default(*a),
+    ),
+    (
+        lambda *a: torch.ops.ddo_fast.ddo_loss_fwd.default(*a),
+        lambda *a: torch.ops.ddo_fast.ddo_loss_bwd.default(*a),
+    ),
+)
+_TRITON_SINGLE = _single_pass_kernels(
+    (lambda *a: _triton.token_logprobs.forward(*a), lambda *a: _triton.token_logprobs.backward(*a)),
+    (lambda *a: _triton.ddo_loss.forward(*a), lambda *a: _triton.ddo_loss.backward(*a)),
+)
+
+
+def _single_pass_fwd_fake(hidden, weight, bias, *_):
+    d_bias = hidden.new_empty((0,), dtype=weight.dtype) if bias is None else torch.empty_like(bias)
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty(hidden.shape),
+        weight.new_empty(weight.shape),
+        d_bias.new_empty(d_bias.shape),
+    )
+
+
+def _single_pass_bwd_fake(grad_out, d_hidden, d_weight, d_bias) -> None:
+    return None
+
+
+def _single_pass_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else autograd allocates zero "gradients" for output[1:]
+    ctx.save_for_backward(*output[1:])
+    ctx.has_bias = inputs[2] is not None
+
+
+def _single_pass_backward(bwd: Any, ctx: Any, grad_out: Any, *_grads: Any) -> tuple:
+    """``grad_out * (d hidden, d weight, d bias)``, scaled in place: no second copy of the
+    gradients. The scaling bumps their version counters, so a second backward through the same
+    graph (``retain_graph=True``) raises autograd's "modified by an inplace operation" error
+    instead of returning a twice-scaled gradient. Gradients of gradients are not available."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "ddo_fast: fused_linear_ar_ddo_loss's single-pass path has no double backward "
+            "(create_graph=True); compute the loss with return_logratio=True for the "
+            "recompute path"
+        )
+    nones = (None,) * 9
+    if grad_out is None:
+        return (None, None, None, *nones)
+    d_hidden, d_weight, d_bias = ctx.saved_tensors
+    bwd(grad_out, d_hidden, d_weight, d_bias)
+    return (d_hidden, d_weight, d_bias if ctx.has_bias else None, *nones)
+
+
+SINGLE_PASS_SPEC = register_op(
+    "fused_linear_ar_ddo_loss",
+    fake_fwd=_single_pass_fwd_fake,
+    fake_bwd=_single_pass_bwd_fake,
+    setup_context=_single_pass_setup_context,
+    backward=_single_pass_backward,
+    kernels={"cpu": _CPP_SINGLE},
+    triton=types.SimpleNamespace(forward=_TRITON_SINGLE[0], backward=_TRITON_SINGLE[1]),
+)
+
+
 # ------------------------------------------------------------------------------- the checks
 def _check_chunk_size(chunk_size: Any) -> None:
     if chunk_size is None:
@@ -325,6 +535,35 @@ def _reference_logprob(hidden, weight, bias, targets, ignore_index) -> torch.Ten
 
 
 # --------------------------------------------------------------------------- public functions
+def _single_pass_sequences(
+    hidden, weight, bias, seq_ids, route, code, return_logratio, chunk_size
+) -> int:
+    """Whole sequences per chunk of the single-pass path, or 0 where the recompute path runs:
+    the packed form, ``reduction="none"``, ``return_logratio``, the ``torch`` route, no gradient
+    wanted (grad mode off, or hidden / weight / bias not all requiring it), or one sequence's
+    logits over the chunk budget. Decided from metadata only (no device sync)."""
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    if (
+        seq_ids is not None
+        or return_logratio
+        or code == Reduction.NONE
+        or route == TORCH
+        or not torch.is_grad_enabled()
+        or not all(t.requires_grad for t in params)
+    ):
+        return 0
+    batch, length = hidden.shape[:2]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            batch * length,
+            weight.shape[0],
+            compute_dtype(hidden, weight, bias),
+            weight.numel() * weight.element_size(),
+            in_place=True,
+        )
+    return chunk_size // max(length, 1)
+
+
 def _logprob(h2, weight, bias, y, route, ignore_index, chunk) -> torch.Tensor:
     """Per-token log-probs [N] fp32 on ``route`` (TORCH: the unfused reference)."""
     if route == TORCH:
@@ -408,6 +647,12 @@ def fused_linear_ar_ddo_loss(
     Returns:
         fp32 scalar, or [B] for ``reduction="none"``; with ``return_logratio`` also r [B] fp32.
         Gradients reach hidden, weight and bias in their own dtypes (accumulated in fp32).
+
+    Paths (module docstring): a scalar loss without ``return_logratio``, in grad mode with every
+    given parameter requiring grad, takes the single-pass path (gradients computed in the
+    forward, 3 matmuls; no double backward, no second backward through the same graph). The
+    packed ``[N, H]`` + ``seq_ids`` form, ``reduction="none"``, ``return_logratio=True``, a
+    frozen input and sequences whose logits exceed the chunk budget take the recompute path.
     """
     h2, y, route, chunk = _check_tokens(
         hidden, weight, bias, targets, seq_ids, ignore_index, backend, chunk_size
@@ -420,7 +665,14 @@ def fused_linear_ar_ddo_loss(
             )
     batch = ref_logprob.shape[0] if seq_ids is not None else hidden.shape[0]
     check_batch_vector("ref_logprob", ref_logprob, batch, hidden.device)
-    check_loss_args(is_real, sample_weight, batch, hidden.device, reduction)
+    code = check_loss_args(is_real, sample_weight, batch, hidden.device, reduction)
+    sequences = _single_pass_sequences(
+        hidden, weight, bias, seq_ids, route, code, return_logratio, chunk_size
+    )
+    if sequences:
+        args = (hidden, weight, bias, targets, ref_logprob.detach(), is_real)
+        params = (float(alpha), float(beta), int(ignore_index), code, sequences)
+        return SINGLE_PASS_SPEC.run(route, *args, constant(sample_weight), *params)[0]
     if route == TORCH and seq_ids is None:  # the plain unfused path, as ar_ddo_loss computes it
         logits = _reference_logits(hidden, weight, bias)
         seq = reference.sequence_logprob_ref(logits, targets, ignore_index=ignore_index)
