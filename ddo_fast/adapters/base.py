@@ -7,6 +7,13 @@ into the fused DDO loss (Zheng et al. 2025, Eq. 13) and samples the model for th
 
 Every adapter evaluates theta and ref on the same inputs (same noise, same labels) over the
 concatenated [real; fake] batch of 2B rows, real rows first.
+
+Cached reference log-probs: where log p_ref(x) depends on nothing drawn per step (autoregressive
+models: it is a function of the sample and its label), :meth:`Adapter.ref_logprob` scores samples
+once and :meth:`Adapter.loss` takes those values (``ref_logprob=``) instead of running the
+reference; :func:`ddo_fast.train` does so for offline fake pools
+(``TrainConfig.ref_logprob_cache``). Diffusion adapters return None: their r needs the step's
+noise, shared by theta and ref.
 """
 
 from __future__ import annotations
@@ -56,10 +63,32 @@ class Adapter:
         *,
         alpha: float,
         beta: float,
+        ref_logprob: torch.Tensor | None = None,
     ) -> LossOutput:
         """The DDO loss of one step and the per-sample log-ratios r [2B] (``noise`` from
-        :meth:`draw`)."""
+        :meth:`draw`).
+
+        ``ref_logprob`` [2B, K] (fp32, [real; fake] rows, on the batch's device): the rows of
+        :meth:`ref_logprob` for these samples, used instead of running ``ref``; the adapter picks
+        the column each row needs this step (on the device). The loop passes it only to adapters
+        whose :meth:`ref_logprob` returns values, so others need not accept it.
+        """
         raise NotImplementedError(f"{type(self).__name__}.loss")
+
+    def ref_logprob(
+        self, ref: nn.Module, x: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """log p_ref of samples ``x`` [N, ...] with ``labels`` [N] or None, as :meth:`loss` would
+        compute it, for every conditioning the loss may pick per step: [N, K] fp32 under no_grad
+        (column 0: the sample's own label; :class:`~ddo_fast.adapters.CausalAR` with CFG rows adds
+        column 1: the null label). Rows must not depend on the other rows of the call, so that
+        the loop may score samples in any batches.
+
+        None (the default) when the value depends on the step's random draws (diffusion: the
+        noise level and noise): the loss then runs ``ref`` every step. Decide before touching
+        ``ref``: the loop calls it on one sample to find out.
+        """
+        return None
 
     def sample(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..ops import ar_ddo_loss, sequence_logprob
 from .base import Adapter, LossOutput, batched, cat_labels, pair_mask
@@ -41,6 +42,10 @@ class CausalAR(Adapter):
     max(alpha, 1) - the official VAR recipe. Sampling uses ``model.sample(n, labels,
     generator)`` when the model has one (e.g. with a KV cache), else a plain token-by-token loop
     with ``temperature`` over ``seq_len`` tokens (0 = the sample shape's length).
+
+    log p_ref(x | label) is a constant of the sample: :meth:`ref_logprob` scores it once for the
+    sample's label and, with CFG rows, for the null label; :meth:`loss` given those values
+    (``ref_logprob=``) picks per row by the step's null mask and runs no reference forward.
     """
 
     seq_len: int = 0
@@ -54,17 +59,50 @@ class CausalAR(Adapter):
     def draw(self, batch, sample_shape, generator):
         return {"uncond": torch.rand(batch, generator=generator) < self.uncond_ratio}
 
-    def loss(self, model, ref, real, fake, noise, *, alpha, beta) -> LossOutput:
+    def cfg_rows(self, labels: torch.Tensor | None) -> bool:
+        """Whether a share of rows gets the null label (needs labels to replace)."""
+        return self.null_label is not None and labels is not None and self.uncond_ratio > 0
+
+    def ref_sequence_logprob(
+        self, ref: nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """sum_i log softmax(z_ref)[y_i] [N] fp32 under no_grad: the one way both the per-step
+        path and the cache compute it (so the two agree bit for bit on row-independent
+        models)."""
+        with torch.no_grad():
+            return sequence_logprob(ref(tokens, labels), tokens, backend=self.backend)
+
+    def ref_logprob(self, ref, x, labels):
+        """[N, 1] (the sample's label), or [N, 2] (its label, the null label) with CFG rows."""
+        tokens = x.long()
+        cond = self.ref_sequence_logprob(ref, tokens, labels)
+        if not self.cfg_rows(labels):
+            return cond[:, None]
+        null = self.ref_sequence_logprob(ref, tokens, torch.full_like(labels, self.null_label))
+        return torch.stack([cond, null], 1)
+
+    def loss(self, model, ref, real, fake, noise, *, alpha, beta, ref_logprob=None) -> LossOutput:
         tokens = torch.cat([real[0], fake[0]]).long()
         labels = cat_labels(real[1], fake[1])
         batch = real[0].shape[0]
-        weight = None
-        if self.null_label is not None and labels is not None and self.uncond_ratio > 0:
-            uncond = noise["uncond"].to(tokens.device)
-            labels = torch.where(uncond.repeat(2), torch.full_like(labels, self.null_label), labels)
-            weight = null_label_weights(uncond, alpha)
-        with torch.no_grad():
-            ref_lp = sequence_logprob(ref(tokens, labels), tokens, backend=self.backend)
+        weight = uncond = None
+        if self.cfg_rows(labels):
+            uncond = noise["uncond"].to(tokens.device).repeat(2)
+            labels = torch.where(uncond, torch.full_like(labels, self.null_label), labels)
+            weight = null_label_weights(uncond[:batch], alpha)
+        if ref_logprob is None:
+            ref_lp = self.ref_sequence_logprob(ref, tokens, labels)
+        else:
+            columns = 1 if uncond is None else 2
+            if ref_logprob.shape != (2 * batch, columns):
+                raise ValueError(
+                    f"ref_logprob: expected [{2 * batch}, {columns}] (the [real; fake] rows of "
+                    f"CausalAR.ref_logprob), got {list(ref_logprob.shape)}"
+                )
+            # the null mask is drawn per step: pick each row's column on the device
+            ref_lp = ref_logprob[:, 0]
+            if uncond is not None:
+                ref_lp = torch.where(uncond, ref_logprob[:, 1], ref_lp)
         logits = model(tokens, labels)
         loss, r = ar_ddo_loss(
             logits,

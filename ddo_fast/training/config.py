@@ -25,6 +25,14 @@ class TrainConfig:
     Fake samples
         fake_samples_per_round: generated from the reference at the start of each round and
             cached in out_dir (0 = generate a fresh fake batch from the reference every step).
+        ref_logprob_cache: with offline fakes (a pool: ``fake_samples_per_round`` > 0 or
+            ``fake_data``), score log p_ref of the round's real samples and pooled fakes once at
+            the start of the round (no_grad, batched) and feed the values to the loss instead of
+            running the reference every step; cached beside the fakes, keyed by the reference
+            weights, round, adapter, seed, schedule and the data's fingerprint. Same losses as
+            without it. Applies where the adapter's ``ref_logprob`` gives values
+            (:class:`~ddo_fast.adapters.CausalAR`); diffusion adapters and online fakes always
+            run the reference per step.
     Bookkeeping
         seed, out_dir (None = a new folder in the working directory), resume (continue from the
         newest complete checkpoint in out_dir), checkpoint_every / eval_every (steps; 0 = only at
@@ -45,6 +53,7 @@ class TrainConfig:
     steps_per_round: int = 1000
     rounds: int = 1
     fake_samples_per_round: int = 10_000
+    ref_logprob_cache: bool = True
     ema: float | None = None
     grad_clip: float | None = None
     warmup_steps: int = 0
@@ -75,6 +84,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 bad(name, "must be an integer >= 0 (0 turns it off)")
+        if not isinstance(self.ref_logprob_cache, bool):
+            bad("ref_logprob_cache", "must be True (score the reference once per round) or False")
         if self.log_every < 1:
             bad("log_every", "must be >= 1")
         if 0 < self.fake_samples_per_round < self.batch_size:

@@ -16,6 +16,19 @@ from torch.utils.data import Dataset
 from ..adapters import Batch
 
 
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """sha256 of tensors' dtypes, shapes and bytes (None counts as a marker): a cache key part."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
+    return h.hexdigest()
+
+
 def seed_for(*parts: Any) -> int:
     """A 63-bit seed from any parts, the same in every process (Python's hash() is salted)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -33,6 +46,7 @@ class RealData:
         self.dataset: Dataset | None = None
         self.x: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        self._fingerprint: str | None = None
         if isinstance(data, torch.Tensor):
             self.x = data
         elif (
@@ -68,6 +82,21 @@ class RealData:
             xs = torch.stack([torch.as_tensor(it[0]) for it in items])
             return xs, torch.as_tensor([int(it[1]) for it in items])
         return torch.stack([torch.as_tensor(it) for it in items]), None
+
+    def fingerprint(self) -> str:
+        """What the data is, for cache keys: sha256 of a tensor's (and its labels') bytes; for a
+        Dataset, of its length and 64 items spread evenly over it (reading all of a large
+        Dataset would cost an epoch; an edit elsewhere goes unseen, so give a changed Dataset a
+        new out_dir). Computed once."""
+        if self._fingerprint is None:
+            if self.x is not None:
+                self._fingerprint = tensor_digest(self.x, self.labels)
+            else:
+                n = len(self)
+                picks = torch.linspace(0, n - 1, min(n, 64)).long().unique()
+                xs, labels = self.get(picks)
+                self._fingerprint = tensor_digest(torch.tensor(n), xs, labels)
+        return self._fingerprint
 
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.get(torch.tensor([0]))[0].shape[1:])

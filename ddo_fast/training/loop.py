@@ -5,6 +5,11 @@ every step); theta trains on B real + B fake pairs with the fused loss of Eq. 13
 L = -E_data log sigma(beta r) - alpha E_ref log sigma(-beta r), r = log p_theta - log p_ref;
 the round's best checkpoint (by ``eval_fn``, else the last) becomes the next reference.
 
+Reference log-probs: with an offline pool and an adapter that can score samples without the
+step's draws (CausalAR), log p_ref of the round's real samples and fakes is scored once at the
+start of the round and cached beside the fakes (:mod:`~ddo_fast.training.ref_cache`); steps then
+run no reference forward. Online fakes and diffusion adapters run the reference every step.
+
 Determinism: every random draw of step s comes from a generator seeded by (seed, s), and the real
 data order by (seed, epoch); with the step counter as the only state, a resumed run, or a run on
 2 ranks with the same global batch, replays the same numbers.
@@ -35,6 +40,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import RealData, balanced_labels, generator
 from .metrics import CsvLog, NonFiniteGuard, StepLog, step_stats
+from .ref_cache import RefLogprobs, ref_logprobs
 from .state import Best, TrainState, adam, clone_state, trainable, update_ema
 
 EvalFn = Callable[[nn.Module], "float | dict[str, float]"]
@@ -117,12 +123,15 @@ def weights_digest(model: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------------- fakes
-def fake_pool(run: Run, state: TrainState, fake_data: Any = None) -> Batch | None:
+def fake_pool(
+    run: Run, state: TrainState, fake_data: Any = None, ref_id: str | None = None
+) -> Batch | None:
     """This round's fakes x ~ p_ref (Sec. 3.4: regenerated from each round's reference).
 
     Round 0 may use ``fake_data``; otherwise ``fake_samples_per_round`` class-balanced samples
     of the reference, cached under out/fakes by (ref weights, round, sampler, seed, n, shape).
-    None = online fakes (a fresh batch every step).
+    None = online fakes (a fresh batch every step). ``ref_id``: the reference's
+    :func:`weights_digest` when the caller has it.
     """
     cfg = run.cfg
     if state.round == 0 and fake_data is not None:
@@ -131,7 +140,8 @@ def fake_pool(run: Run, state: TrainState, fake_data: Any = None) -> Batch | Non
     n = cfg.fake_samples_per_round
     if n == 0:
         return None
-    ident = (weights_digest(state.ref), state.round, run.adapter.sampler_config(), cfg.seed, n)
+    ref_id = ref_id or weights_digest(state.ref)
+    ident = (ref_id, state.round, run.adapter.sampler_config(), cfg.seed, n)
     key = hashlib.sha256(repr(ident + (run.shape,)).encode()).hexdigest()[:16]
     path = run.out / "fakes" / f"round-{state.round:03d}-{key}.pt"
     if run.rank == 0 and not path.exists():
@@ -150,9 +160,13 @@ def fake_pool(run: Run, state: TrainState, fake_data: Any = None) -> Batch | Non
     return blob["x"], blob["labels"]
 
 
-def draw_batch(run: Run, state: TrainState, pool: Batch | None) -> tuple[Batch, Batch, dict]:
-    """This rank's share of step s's B real and B fake samples and the shared noise, on the
-    device (drawn on the CPU from step-seeded generators: the same on any device or rank)."""
+def draw_batch(
+    run: Run, state: TrainState, pool: Batch | None, refs: RefLogprobs | None = None
+) -> tuple[Batch, Batch, dict, torch.Tensor | None]:
+    """This rank's share of step s's B real and B fake samples, the shared noise and, with a
+    ref-logprob cache ``refs``, the samples' cached reference log-probs [2b, K] ([real; fake]),
+    on the device (drawn on the CPU from step-seeded generators: the same on any device or
+    rank)."""
     cfg, step = run.cfg, state.global_step
     local = cfg.batch_size // run.world
     mine = slice(run.rank * local, (run.rank + 1) * local)
@@ -160,9 +174,12 @@ def draw_batch(run: Run, state: TrainState, pool: Batch | None) -> tuple[Batch, 
     noise = run.adapter.draw(cfg.batch_size, run.shape, g)
     idx = run.data.indices(cfg.seed, step * cfg.batch_size, cfg.batch_size)
     real = run.data.get(idx[mine])
+    ref_lp = None
     if pool is not None:
         fidx = torch.randint(len(pool[0]), (cfg.batch_size,), generator=g)[mine]
         fake = (pool[0][fidx], None if pool[1] is None else pool[1][fidx])
+        if refs is not None:
+            ref_lp = refs.rows(idx[mine], fidx)
     else:  # online: a fresh global fake batch from the reference, real batch's labels
         all_y = run.data.get(idx)[1]
         g_online = generator(cfg.seed, "online", step)
@@ -178,7 +195,8 @@ def draw_batch(run: Run, state: TrainState, pool: Batch | None) -> tuple[Batch, 
     def put_batch(b: Batch) -> Batch:
         return put(b[0]), None if b[1] is None else put(b[1])
 
-    return put_batch(real), put_batch(fake), {k: put(v[mine]) for k, v in noise.items()}
+    noise = {k: put(v[mine]) for k, v in noise.items()}
+    return put_batch(real), put_batch(fake), noise, None if ref_lp is None else put(ref_lp)
 
 
 # ------------------------------------------------------------------------------- selection
@@ -255,14 +273,25 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
 
 
 # ----------------------------------------------------------------------------------- steps
-def train_step(run: Run, state: TrainState, real: Batch, fake: Batch, noise: dict) -> None:
-    """One Adam step on the DDO loss (Eq. 13) of B real + B fake pairs; no host sync."""
+def train_step(
+    run: Run,
+    state: TrainState,
+    real: Batch,
+    fake: Batch,
+    noise: dict,
+    ref_logprob: torch.Tensor | None = None,
+) -> None:
+    """One Adam step on the DDO loss (Eq. 13) of B real + B fake pairs; no host sync.
+    ``ref_logprob``: the samples' cached reference log-probs (None: the adapter runs ref)."""
     cfg, opt = run.cfg, state.optimizer
     warm = min(1.0, (state.step_in_round + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     lr = cfg.lr * warm  # linear warmup, restarted every round
     for group in opt.param_groups:
         group["lr"] = lr
-    res = run.adapter.loss(run.net, state.ref, real, fake, noise, alpha=cfg.alpha, beta=cfg.beta)
+    cached = {} if ref_logprob is None else {"ref_logprob": ref_logprob}
+    res = run.adapter.loss(
+        run.net, state.ref, real, fake, noise, alpha=cfg.alpha, beta=cfg.beta, **cached
+    )
     opt.zero_grad(set_to_none=True)
     res.loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
@@ -279,11 +308,14 @@ def train_step(run: Run, state: TrainState, real: Batch, fake: Batch, noise: dic
     run.log.push(where | {"lr": lr}, stats)
 
 
-def run_round(run: Run, state: TrainState, pool: Batch | None) -> None:
-    """The steps of one round from ``state.step_in_round`` on, with its evals and checkpoints."""
+def run_round(
+    run: Run, state: TrainState, pool: Batch | None, refs: RefLogprobs | None = None
+) -> None:
+    """The steps of one round from ``state.step_in_round`` on, with its evals and checkpoints
+    (``refs``: the round's cached reference log-probs, if any)."""
     cfg = run.cfg
     while state.step_in_round < cfg.steps_per_round:
-        train_step(run, state, *draw_batch(run, state, pool))
+        train_step(run, state, *draw_batch(run, state, pool, refs))
         k = state.step_in_round
         last = k == cfg.steps_per_round
         if k % cfg.log_every == 0:
@@ -395,13 +427,15 @@ def train(
     # ----------------------------------------------------- self-play rounds (Sec. 3.4)
     while state.round < cfg.rounds:
         t_round = time.time()
-        pool = fake_pool(run, state, fake_data)
+        ref_id = weights_digest(state.ref)
+        pool = fake_pool(run, state, fake_data, ref_id)
+        refs = ref_logprobs(run, state, pool, ref_id)  # None: ref runs every step
         if state.step_in_round == 0:
             consider(run, state)  # the round's starting model is a candidate too
         run.log.start_round(
             cfg.steps_per_round, state.step_in_round, f"round {state.round + 1}/{cfg.rounds}"
         )
-        run_round(run, state, pool)
+        run_round(run, state, pool, refs)
         run.log.end_round()
         end_round(run, state, time.time() - t_round)
 
