@@ -1,5 +1,8 @@
 """Property-based fuzzing (hypothesis) of every public function against a float64 oracle.
 
+(The logits-level functions; the fused-linear ones, whose oracle must also model the matmul's
+rounding to the input dtype, have their own property test in tests/test_fused_linear_ar_ddo.py.)
+
 Each example draws the sizes (batch 0..9, odd extents, V up to 9000 including > 8192, the Triton
 single-tile limit, D above 16384, the C++ chunk), an independent dtype (fp32 / bf16 / fp16) and
 memory layout (contiguous, permuted, strided slice, stride-0 expansion) per tensor, the loss
@@ -303,7 +306,14 @@ def _loss_settings(data):
     )
     beta = 10.0 ** data.draw(st.floats(-2.0, 4.0), label="log10_beta")
     reduction = data.draw(st.sampled_from(["none", "mean", "sum"]), label="reduction")
-    return alpha, beta, reduction
+    # The library applies alpha and beta in fp32 (the loss is computed in fp32): the oracle takes
+    # the same fp32 values, so an alpha that underflows fp32 (1e-55, say) is the zero weight it
+    # is there, not a tiny positive one (found by the long profile).
+    return _fp32(alpha), _fp32(beta), reduction
+
+
+def _fp32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def _sample_weight(data, batch, device, g):

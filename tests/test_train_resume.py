@@ -105,9 +105,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     rng = random.Random(2025)
     for i in range(5):
         proc = _start(killed, args)
-        if i == 2:  # inside a checkpoint write: after its first file, before the rename
+        if i == 2:  # inside a checkpoint write (after its first file, before the rename),
+            # once a complete checkpoint exists, so that the final run must resume from one
             deadline = time.monotonic() + 60
-            while not list((killed / "checkpoints").glob(".tmp-step-*/model.safetensors")):
+            ckpts = killed / "checkpoints"
+            while not (
+                list(ckpts.glob(f"step-*/{checkpoint.MARKER}"))
+                and list(ckpts.glob(".tmp-step-*/model.safetensors"))
+            ):
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.005)
         else:
@@ -119,7 +124,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         for folder in (killed / "checkpoints").glob("step-*"):
             assert (folder / checkpoint.MARKER).exists(), folder
     proc = _start(killed, args)
+    rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0
+    assert "resumed from" in rest  # the final run continued from a checkpoint, not from scratch
     for name in ("metrics.csv", "evals.csv"):
         assert (killed / name).read_text() == (full / name).read_text(), name
     _same_weights(

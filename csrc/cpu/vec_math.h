@@ -12,7 +12,7 @@ namespace ddo_fast {
 
 // exp(x) as 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for accuracy),
 // p a degree-6 minimax polynomial (Cephes expf). Correct on the whole float range:
-//   * within 2 ulp of exp(x) wherever the result is a normal float (tests/test_dtype_mix.py
+//   * within 2 ulp of exp(x) wherever the result is a normal float (tests/test_token_logprobs.py
 //     measures it against double exp on a dense sweep of [-110, 90]);
 //   * subnormal results (-103.97 < x < -87.34) get a single rounding of p(r) 2^n, so they are
 //     within 1 ulp of the subnormal grid; below that the result is +0 (exp(-inf) = 0 exactly, so

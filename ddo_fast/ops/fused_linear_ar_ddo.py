@@ -650,7 +650,9 @@ def fused_linear_ar_ddo_loss(
 
     Paths (module docstring): a scalar loss without ``return_logratio``, in grad mode with every
     given parameter requiring grad, takes the single-pass path (gradients computed in the
-    forward, 3 matmuls; no double backward, no second backward through the same graph). The
+    forward, 3 matmuls; no double backward, no second backward through the same graph; an
+    in-place change to ``weight`` between forward and backward goes unnoticed there, and the
+    gradient returned is the one at the forward's weights). The
     packed ``[N, H]`` + ``seq_ids`` form, ``reduction="none"``, ``return_logratio=True``, a
     frozen input and sequences whose logits exceed the chunk budget take the recompute path.
     """
