@@ -28,7 +28,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 
 import ddo_fast
 from ddo_fast.bench.cases import Case
+from ddo_fast.bench.runner import machine_info
 
 F32 = torch.float32
 # (B, L, H, V): VAR-d16's token grid with a 1024-wide head over its 4096 codes, and a Llama 3
@@ -170,26 +170,6 @@ def time_providers(shape, dtype=F32, reps=7) -> tuple[dict, dict]:
     return wall, cpu
 
 
-def machine() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-    }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info["cpu"] = next(
-            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln),
-            platform.processor(),
-        )
-    except OSError:
-        info["cpu"] = platform.processor()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -208,7 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-time", action="store_true")
     args = parser.parse_args(argv)
-    info = machine()
+    info = machine_info("cpu")
     result: dict = {
         "command": " ".join(["python", *sys.argv]),
         "machine": info,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ import pytest
 import torch
 
 from ddo_fast import adapters as A
+from ddo_fast.bench.runner import machine_info
 from ddo_fast.models import CausalTransformer
 from ddo_fast.training import TrainConfig, loop
 from ddo_fast.training.data import RealData, balanced_labels, generator
@@ -112,27 +112,6 @@ def test_ref_cache(benchmark, variant, shape_dtype, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ script
-def machine() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "cpu": platform.processor(),
-    }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info["cpu"] = next(
-            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln),
-            info["cpu"],
-        )
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def _uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -160,7 +139,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    info = machine() | {"device": args.device}
+    info = machine_info(args.device)
     load_before = _uptime()
     print(f"{info['cpu']} ({info['cpus']} CPUs, {info['threads']} torch threads), {args.device}")
     print(f"load before: {load_before}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 from safetensors.torch import load_file, save_file
 
 from .state import upgrade
@@ -74,3 +76,17 @@ def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, An
     weights = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
     meta = torch.load(folder / "state.pt", weights_only=True)
     return weights, upgrade(meta, weights)
+
+
+def build_once(path: Path, build: Callable[[], dict[str, Any]], rank: int, world: int) -> dict:
+    """The blob at ``path``: built by rank 0 when the file is missing and written atomically (a
+    temporary file renamed into place, so a killed write leaves no file), then read by every rank
+    after a barrier. Used for the per-round fake pool and reference log-prob cache."""
+    if rank == 0 and not path.exists():
+        blob = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(blob, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    if world > 1:
+        torch.distributed.barrier()
+    return torch.load(path, weights_only=True)

@@ -144,19 +144,17 @@ def fake_pool(
     ident = (ref_id, state.round, run.adapter.sampler_config(), cfg.seed, n)
     key = hashlib.sha256(repr(ident + (run.shape,)).encode()).hexdigest()[:16]
     path = run.out / "fakes" / f"round-{state.round:03d}-{key}.pt"
-    if run.rank == 0 and not path.exists():
+
+    def build() -> dict:
         g = generator(cfg.seed, "fakes", state.round)
         labels = balanced_labels(run.data.num_classes(), n, g)
         t0 = time.time()
         x = run.sample(state.ref, n, labels, g, run.device, run.shape).cpu()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"x": x, "labels": labels}, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)  # atomic: a killed write leaves no pool
         secs = time.time() - t0
         print(f"round {state.round}: {n} fakes from the reference in {secs:.1f}s -> {path}")
-    if run.world > 1:
-        dist.barrier()
-    blob = torch.load(path, weights_only=True)
+        return {"x": x, "labels": labels}
+
+    blob = checkpoint.build_once(path, build, run.rank, run.world)
     return blob["x"], blob["labels"]
 
 

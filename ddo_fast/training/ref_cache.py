@@ -19,15 +19,14 @@ fingerprint, pool digest, device type): rank 0 scores and writes atomically (tmp
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from ..adapters import Batch
+from . import checkpoint
 from .data import tensor_digest
 
 if TYPE_CHECKING:
@@ -73,7 +72,8 @@ def ref_logprobs(run: Run, state: TrainState, pool: Batch | None, ref_id: str):
     ident += (run.data.fingerprint(), tensor_digest(*pool), run.device.type)
     key = hashlib.sha256(repr(ident).encode()).hexdigest()[:16]
     path = run.out / "fakes" / "ref_logprob" / f"round-{state.round:03d}-{key}.pt"
-    if run.rank == 0 and not path.exists():
+
+    def build() -> dict:
         t0 = time.time()
         chunk = max(1, 2 * cfg.batch_size // run.world)  # the rows of one step's forward
         total = len(real_index) + len(pool[0])
@@ -94,14 +94,11 @@ def ref_logprobs(run: Run, state: TrainState, pool: Batch | None, ref_id: str):
             blob[name] = torch.cat(parts).float().cpu()
         if bar is not None:
             bar.close()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(blob, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)  # atomic: a killed write leaves no cache
         secs = time.time() - t0
         print(f"round {state.round}: reference log-probs of {total} samples in {secs:.1f}s")
-    if run.world > 1:
-        dist.barrier()
-    blob = torch.load(path, weights_only=True)
+        return blob
+
+    blob = checkpoint.build_once(path, build, run.rank, run.world)
     return RefLogprobs(blob["real_index"], blob["real"], blob["fake"])
 
 
