@@ -310,3 +310,46 @@ def test_causal_ar_uses_the_models_own_sampler():
     labels = torch.arange(4) % 10
     got = CausalAR().sample(m, 4, labels, torch.Generator().manual_seed(7), "cpu", (5,))
     assert torch.equal(got, m.sample(4, labels, torch.Generator().manual_seed(7)))
+
+
+# -------------------------------------------------------------------- mixed precision (autocast)
+class _LinearDenoiser(torch.nn.Module):
+    """A denoiser whose last op is a Linear, so under CPU autocast its output is bf16 while the
+    data x (the target) stays fp32: the mix a trainer under autocast feeds the loss."""
+
+    def __init__(self, dim: int = 6) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(dim + 1, dim)
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, x, sigma, labels):
+        out = self.lin(torch.cat([x, sigma.log()[:, None]], dim=1))
+        self.outputs.append(out.detach())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_edm_under_bf16_autocast_gives_r_of_the_bf16_outputs(backend):
+    """r under torch.autocast(bf16) equals float64 math on the very bf16 predictions and the fp32
+    data: no input is cast to another's dtype (a cast of the target to bf16 is ~1e-2 off)."""
+    torch.manual_seed(0)
+    adapter = EDMDenoiser(sigma_data=0.5, backend=backend)
+    model = _LinearDenoiser()
+    ref = _perturbed(model)
+    g = torch.Generator().manual_seed(3)
+    real = (torch.randn(B, 6, generator=g), None)
+    fake = (torch.randn(B, 6, generator=g), None)
+    noise = adapter.draw(B, (6,), g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter.loss(model, ref, real, fake, noise, alpha=ALPHA, beta=BETA)
+    (pred,), (pred_ref,) = model.outputs, ref.outputs
+    assert pred.dtype == pred_ref.dtype == torch.bfloat16
+    x = torch.cat([real[0], fake[0]]).double()
+    sigma = noise["sigma"].double().repeat(2)
+    w = (sigma**2 + 0.5**2) / (sigma * 0.5) ** 2
+    terms = (pred.double() - x) ** 2 - (pred_ref.double() - x) ** 2
+    r64 = -w * terms.sum(1)
+    scale = (w[:, None] * ((pred.double() - x) ** 2 + (pred_ref.double() - x) ** 2)).sum(1)
+    assert out.logratio.dtype == torch.float32
+    err = (out.logratio.double() - r64).abs()
+    assert torch.all(err <= 1e-6 * scale + 1e-7), (err / scale).max()
