@@ -89,12 +89,18 @@ def _fuzz(case, backend: str, device: str, cheap: bool = False) -> None:
     if kind == "interpret":  # shrinking costs hundreds of interpreted runs: report as found
         cfg = settings(cfg, phases=[p for p in Phase if p != Phase.shrink])
 
+    passed = 0
+
     @cfg
     @given(data=st.data())
     def run(data):
+        nonlocal passed
         case(data, backend, device)
+        passed += 1
 
     run()
+    # `pytest -s` shows how many examples ran (the long profile's counts for the record)
+    print(f"\n{case.__name__}[{backend}-{device}]: {passed} examples passed")
 
 
 # --------------------------------------------------------------------------------- tolerances
