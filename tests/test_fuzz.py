@@ -130,12 +130,20 @@ def _check(
         f"{name}: shape {list(actual.shape)}, expected {list(expected.shape)}"
     )
     a = actual.detach().to("cpu", torch.float64)
-    # a value beyond the dtype's range rounds to +-inf
-    e = torch.where(expected.abs() > torch.finfo(dtype).max, expected * math.inf, expected)
+    # Round to nearest: |x| >= top + ulp(top)/2 becomes inf, top < |x| below that becomes top.
+    top, eps = torch.finfo(dtype).max, torch.finfo(dtype).eps
+    overflow = top + top / (2 - eps) * eps / 2
+    sign = expected.sign()
+    big = expected.abs()
+    e = torch.where(big >= overflow, sign * math.inf, torch.where(big > top, sign * top, expected))
     tol = _clean(torch.as_tensor(tol, dtype=torch.float64)).expand_as(e)
     tol = tol + OUT_ROUNDOFF[dtype] * e.abs().nan_to_num(posinf=0.0) + ATOL_OUT[dtype]
     finite = e.isfinite()
     ok = torch.where(e.isnan(), a.isnan(), torch.where(finite, (a - e).abs() <= tol, a == e))
+    # Within the tolerance of that threshold the fp32 math may land on either side of it (found
+    # by the long profile: an fp16 gradient of 65504 where the exact value rounds to inf).
+    near = expected.isfinite() & ((big - overflow).abs() <= tol)
+    ok = ok | (near & ((a == sign * math.inf) | (a == sign * top)))
     if not bool(ok.all()):
         bad = (~ok).nonzero()
         idx = tuple(bad[0].tolist())
