@@ -7,7 +7,9 @@ as small as the kernels allow.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -41,3 +43,34 @@ def rows_2d(x: torch.Tensor, batch: int) -> torch.Tensor:
 def vector(x: torch.Tensor | None) -> torch.Tensor | None:
     """A contiguous [B] tensor (a no-op in the usual case) so kernels index it with ``b``."""
     return None if x is None else x.contiguous()
+
+
+# ---------------------------------------------------------------- test/benchmark-only hook
+STUBBED = False  # True inside stubbed_launches(): kernels are not run, outputs are garbage
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Every ``kernel[grid](...)`` becomes a no-op while the context is open.
+
+    For measuring the host (Python) part of a launcher on a machine without a GPU
+    (``python -m ddo_fast.bench.host --stub-triton``): what is left is argument checks,
+    allocations, grid arithmetic and autograd, i.e. the host cost of a CUDA call minus the
+    launches themselves. Outputs are uninitialised memory, so checks that read kernel results
+    on the host (the CPU branch of ``assert_targets``) are skipped. Never use it for results.
+    """
+    import triton.runtime.jit as jit
+
+    global STUBBED
+    original = jit.KernelInterface.__getitem__
+    jit.KernelInterface.__getitem__ = lambda self, grid: _no_launch
+    STUBBED = True
+    try:
+        yield
+    finally:
+        jit.KernelInterface.__getitem__ = original
+        STUBBED = False
+
+
+def _no_launch(*args, **kwargs) -> None:
+    return None

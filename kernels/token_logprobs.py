@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .launch import TRITON_INTERPRET, next_pow2
 from .loss_head import loss_head_coef
 from .rounding import cast_for_store
@@ -247,7 +248,7 @@ def assert_targets(ok: torch.Tensor, vocab: int, ignore_index: int) -> None:
         f"ignore_index={ignore_index}"
     )
     if ok.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(ok):
+        if not launch.STUBBED and not bool(ok):
             raise IndexError(message)
         return
     torch._assert_async(ok, message)

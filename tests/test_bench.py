@@ -60,3 +60,42 @@ def test_sets_cover_four_times_the_cache():
 def test_summary_percentiles_nearest_rank():
     s = timing.summary([i / 1e3 for i in range(1, 101)])
     assert s["p50_ms"] == 50 and s["p95_ms"] == 95 and s["n"] == 100
+
+
+def test_host_report_on_cpu_with_triton_launches_stubbed(tmp_path, monkeypatch):
+    """``--stub-triton`` times the Triton route's Python part: launches really are skipped
+    inside the context (a kernel output keeps the sentinel it was given), restored after."""
+    import json
+    import os
+
+    import pytest
+
+    from ddo_fast import _backend
+    from ddo_fast.bench import host
+
+    if not _backend.TRITON_INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (set by .ci/run and tests/conftest.py)")
+    from ddo_fast.kernels import launch
+    from ddo_fast.kernels.token_logprobs import stats_kernel
+
+    def run_kernel() -> torch.Tensor:
+        x = torch.randn(1, 1, 4)
+        logp = torch.full((1,), 123.0)
+        stats = torch.empty(2, 1)
+        y = torch.zeros(1, dtype=torch.long)
+        stats_kernel[(1,)](x, y, logp, stats, 1, 1, 4, 4, 4, -100, BLOCK_V=4, SINGLE=True)
+        return logp
+
+    monkeypatch.delenv("DDO_FAST_BACKEND", raising=False)
+    with launch.stubbed_launches():
+        assert launch.STUBBED
+        assert run_kernel().item() == 123.0  # the kernel did not run
+    assert not launch.STUBBED
+    assert run_kernel().item() != 123.0  # and runs again afterwards
+    argv = ["--device", "cpu", "--stub-triton", "--calls", "18", "--out", str(tmp_path)]
+    assert host.main(argv) == 0
+    assert "DDO_FAST_BACKEND" not in os.environ  # restored
+    result = json.loads((tmp_path / "host.json").read_text())
+    assert result["stub_triton"] and "cpu" in result["machine"]
+    assert {r["op"] for r in result["host"]} == {"ddo_loss", *host.TINY}
+    assert all(r["stubbed_launches"] and r["host_us"] > 0 for r in result["host"])

@@ -1,6 +1,7 @@
 """Host overhead of one fused forward+backward per op: ``python -m ddo_fast.bench.host``.
 
     python -m ddo_fast.bench.host [--device cpu|cuda] [--out DIR] [--calls N]
+    TRITON_INTERPRET=1 python -m ddo_fast.bench.host --stub-triton   # no GPU: the Python part
 
 At a tiny size (where the device work is negligible) for each public op, forward+backward
 through ``torch.autograd.grad``:
@@ -14,6 +15,13 @@ through ``torch.autograd.grad``:
   calls; on CUDA that is the Triton launches, on CPU the C++ kernels. ``python_us`` =
   ``host_us - op_us`` is the Python wrapper, argument checks, dispatch and autograd around them.
 * the profiler's per-operator table (top entries by CPU time) in ``host_<op>.txt``.
+
+``--stub-triton`` (CPU tensors, ``TRITON_INTERPRET=1``): the Triton route with every
+``kernel[grid](...)`` a no-op (``kernels/launch.py::stubbed_launches``), so ``host_us`` is the
+Python part of a Triton call (checks, allocations, grid arithmetic, autograd) without a GPU.
+It runs the launchers through the interpreter route's ``autograd.Function`` (built like the
+one torch.library generates for the CUDA route); the dispatcher's hop into the Python kernel,
+which only the CUDA route makes, is not in that figure.
 
 On CUDA it also gives, for the ``ddo_fast`` provider, the wall/graph ratio (p50 of each clock,
 see ``timing.py``) at the [64,4,64,64] diffusion case and the VAR AR step shapes (B = 8, 16).
@@ -30,8 +38,10 @@ from pathlib import Path
 import torch
 
 from .. import ops as ddo_fast
+from .._backend import TRITON_INTERPRET
 from . import cases as C
 from . import timing as T
+from .runner import machine_info
 
 F32, BF16 = torch.float32, torch.bfloat16
 TARGET_US = 100.0
@@ -59,7 +69,8 @@ def _ddo_loss_step(device: str):
 
 
 def tiny_steps(device: str) -> dict:
-    """One zero-argument fused forward+backward per public op, on a tiny input."""
+    """One zero-argument fused forward+backward per public op, on a tiny input (the backend
+    from ``$DDO_FAST_BACKEND``, else auto)."""
     makers = {"diffusion": C.diffusion_case, "token": C.token_case, "ar": C.ar_case}
     steps = {"ddo_loss": _ddo_loss_step(device)}
     for op, (kind, shape) in TINY.items():
@@ -86,7 +97,7 @@ def profile_step(step, device: str, calls: int) -> tuple[float, str]:
     return min(1.0, op_us / wall_us), table
 
 
-def host_report(device: str, calls: int, out: Path | None) -> list[dict]:
+def host_report(device: str, calls: int, out: Path | None, stub: bool = False) -> list[dict]:
     rows = []
     for op, step in tiny_steps(device).items():
         samples = sorted(T.host_seconds(step, device, calls))
@@ -103,6 +114,8 @@ def host_report(device: str, calls: int, out: Path | None) -> list[dict]:
         }
         if device == "cuda":
             row |= {"target_us": TARGET_US, "meets_target": host_us <= TARGET_US}
+        if stub:
+            row["stubbed_launches"] = True
         rows.append(row)
         if out is not None:
             (out / f"host_{op}.txt").write_text(table + "\n")
@@ -134,12 +147,15 @@ def ratio_report(rounds: int) -> list[dict]:
 def format_report(result: dict) -> str:
     lines = [
         f"host overhead per fused forward+backward on {result['device']} "
-        f"({result['calls']} calls, target <= {TARGET_US:.0f} us on CUDA)",
+        f"({result['calls']} calls, target <= {TARGET_US:.0f} us on CUDA)"
+        + (", Triton route with launches stubbed" if result.get("stub_triton") else ""),
         f"{'op':20} {'host us':>9} {'min us':>9} {'in ddo_fast:: ops':>18} {'python etc.':>12}"
         "  target",
     ]
     for r in result["host"]:
         mark = {True: "met", False: "MISSED"}.get(r.get("meets_target"), "n/a (CPU)")
+        if r.get("stubbed_launches"):
+            mark = "n/a (launches stubbed)"
         lines.append(
             f"{r['op']:20} {r['host_us']:9.1f} {r['host_min_us']:9.1f} {r['op_us']:18.1f} "
             f"{r['python_us']:12.1f}  {mark}"
@@ -161,12 +177,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=50, help="samples per clock (ratios)")
+    parser.add_argument(
+        "--stub-triton",
+        action="store_true",
+        help="CPU: the Triton route with launches stubbed out (needs TRITON_INTERPRET=1)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    result = {"device": args.device, "calls": args.calls}
-    result["host"] = host_report(args.device, args.calls, out)
+    result = {"device": args.device, "calls": args.calls, "machine": machine_info(args.device)}
+    if args.stub_triton:
+        if args.device != "cpu" or not TRITON_INTERPRET:
+            parser.error("--stub-triton needs --device cpu and TRITON_INTERPRET=1 in the env")
+        from ..kernels.launch import stubbed_launches
+
+        result["stub_triton"] = True
+        saved = os.environ.get("DDO_FAST_BACKEND")
+        os.environ["DDO_FAST_BACKEND"] = "triton"  # the public functions' default route
+        try:
+            with stubbed_launches():
+                result["host"] = host_report(args.device, args.calls, out, stub=True)
+        finally:
+            if saved is None:
+                del os.environ["DDO_FAST_BACKEND"]
+            else:
+                os.environ["DDO_FAST_BACKEND"] = saved
+    else:
+        result["host"] = host_report(args.device, args.calls, out)
     if args.device == "cuda":
         result["ratio"] = ratio_report(args.rounds)
     text = format_report(result)

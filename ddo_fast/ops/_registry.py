@@ -94,14 +94,27 @@ def register_op(
 
 @functools.cache  # one Function class per op and process, built on first use
 def _interpreter_function(spec: OpSpec) -> type[torch.autograd.Function]:
+    """The registered operator's autograd, with the Triton launchers as its kernels.
+
+    Built like torch.library's own autograd of a registered op (``make_autograd_impl``): a
+    ``forward(ctx, *args)`` that runs the kernel then ``setup_context``. Not the newer
+    ``setup_context`` staticmethod form: its ``apply`` binds the arguments with ``inspect`` on
+    every call (~40 us here), a cost the CUDA route does not pay and timings should not see.
+    """
     if spec.triton is None:
         raise RuntimeError(f"ddo_fast: `{spec.stem}` has no Triton kernels; use backend='cpp'")
+    launch_fwd, setup_context = spec.triton.forward, spec.setup_context
+
+    def forward(ctx: Any, *args: Any) -> Any:
+        output = launch_fwd(*args)
+        setup_context(ctx, args, output)
+        return output
+
     return type(
         f"{spec.stem}_interpreter",
         (torch.autograd.Function,),
         {
-            "forward": staticmethod(spec.triton.forward),
-            "setup_context": staticmethod(spec.setup_context),
+            "forward": staticmethod(forward),
             "backward": staticmethod(functools.partial(spec.backward, spec.triton.backward)),
         },
     )
