@@ -2,30 +2,30 @@
 //
 // A fresh multi-megabyte allocation is mmap'ed memory: every 4 KiB page faults on first write,
 // which on the development machine cost more than the kernel itself (89 MB: ~26 ms of faults
-// against ~10 ms of work). Backing such buffers with transparent huge pages (2 MiB, via
-// madvise) cuts the faults 512-fold; the memory is still freed when the tensor dies.
+// against ~10 ms of work). Three policies (ddo_fast.cpu_alloc in Python, or the environment
+// variable DDO_FAST_CPU_ALLOC read on first use):
+//
+//   plain  at::empty: the page faults are paid on every call.
+//   thp    2 MiB-aligned memory advised MADV_HUGEPAGE: 512x fewer faults, but where the kernel's
+//          THP defrag setting is "madvise" a fault may compact memory synchronously (a tail).
+//   pool   the thp buffers, recycled: when a gradient dies its buffer goes back to a small
+//          bounded cache (at most kPerSize buffers of one size, kMaxCachedBytes in all) and the
+//          next request of that size reuses it with no fault at all, like the CUDA caching
+//          allocator. cpu_buffers_release() hands the cache back to the OS.
+//
+// Policy, pool and counters live in large_alloc.cpp, compiled once (not per instruction set).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
-#include <sys/mman.h>
+#include <cstdint>
 
 namespace ddo_fast {
 
-inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
-  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(options.dtype().toScalarType());
-  if (nbytes < 4 * kHuge) return at::empty(sizes, options);
-  const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
-  void* ptr = nullptr;
-  if (posix_memalign(&ptr, kHuge, rounded) != 0) return at::empty(sizes, options);
-#ifdef MADV_HUGEPAGE
-  madvise(ptr, rounded, MADV_HUGEPAGE);  // advisory: ignored where THP is off
-#endif
-  return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, options);
-}
+enum class CpuAlloc : int64_t { Plain = 0, HugePages = 1, Pool = 2 };
+
+// A tensor of `sizes` for a large kernel output, allocated by the current policy. Buffers under
+// kSmallBytes always come from at::empty (the faults of a small buffer are cheap).
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace ddo_fast
