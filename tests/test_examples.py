@@ -1,5 +1,7 @@
 """The digits presets (toy size, end to end) and the Frechet distance they report."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -37,36 +39,68 @@ def test_frechet_distance_from_samples_converges():
     assert digits.frechet_distance(a, b) == pytest.approx(2 * 1.0 + 2 * 1.0, rel=0.02)
 
 
-def test_digits_diffusion_preset_runs_end_to_end(tmp_path):
-    res = digits_diffusion.run(
-        tmp_path,
+STAGES = ("data_floor", "baseline", "baseline_raw", "ddo", "mle_control", "gain")
+METRICS = ("fd", "fd_excess", "kid", "pixel_fd", "precision", "recall", "class_acc", "memorised")
+
+
+def check_results(out, res, seeds):
+    """results.json as issue 11 / INTERFACES item 4 define it, every metric finite."""
+    disk = json.loads((out / "results.json").read_text())
+    assert disk == res and (out / "results.md").exists()
+    assert [r["seed"] for r in disk["runs"]] == seeds
+    for run in disk["runs"]:
+        assert set(STAGES) <= set(run) and {"config", "seconds"} <= set(run)
+        assert {"fd", "pixel_fd"} <= set(run["data_floor"])
+        for stage in ("baseline", "ddo", "mle_control"):
+            assert set(METRICS) <= set(run[stage]), stage
+            assert all(np.isfinite(run[stage][m]) for m in METRICS), stage
+            excess = run[stage]["fd"] - run["data_floor"]["fd"]
+            assert run[stage]["fd_excess"] == pytest.approx(excess)
+        assert run["config"]["seed"] == run["seed"]
+    for stage in STAGES:
+        for m, s in disk["summary"][stage].items():
+            assert s["n"] == len(seeds) and np.isfinite(s["mean"]), (stage, m)
+
+
+@pytest.mark.slow
+def test_digits_diffusion_protocol_runs_end_to_end(tmp_path):
+    """One seed at a tiny budget: split, classifier, pre-training, DDO, the MLE control and
+    every held-out metric; results.json's structure; the pre-training is cached."""
+    kw = dict(
         pretrain_steps=30,
         sample_steps=3,
-        plot=True,
+        seeds=[0],
         steps_per_round=3,
         fake_samples_per_round=128,
         batch_size=64,
         eval_every=0,
+        eval_samples=400,
+        classifier_steps=300,
     )
-    assert np.isfinite(res["after"]["fd"]) and (tmp_path / "ddo" / "results.md").exists()
-    assert (tmp_path / "ddo" / "samples.png").exists() and len(res["rounds"]) == 1
+    res = digits_diffusion.run(tmp_path, plot=True, **kw)
+    check_results(tmp_path, res, [0])
+    assert (tmp_path / "samples.png").exists()
+    assert (tmp_path / "ddo" / "seed-0" / "control" / "metrics.csv").exists()
+    assert (tmp_path / "cache" / "pretrained-diffusion-30-0.pt").exists()
 
 
-def test_digits_ar_preset_runs_end_to_end(tmp_path):
+@pytest.mark.slow
+def test_digits_ar_protocol_runs_end_to_end(tmp_path):
     res = digits_ar.run(
         tmp_path,
         pretrain_steps=20,
         dim=16,
         layers=1,
         plot=False,
+        seeds=[0],
         steps_per_round=3,
         fake_samples_per_round=128,
         batch_size=64,
         eval_every=0,
-        control_mle=True,
+        eval_samples=400,
+        classifier_steps=300,
     )
-    assert np.isfinite(res["after"]["fd"]) and (tmp_path / "ddo" / "results.md").exists()
-    assert "MLE control feature FD" in (tmp_path / "ddo" / "results.md").read_text()
+    check_results(tmp_path, res, [0])
     tokens = digits_ar.quantise(torch.tensor([[0.0, 8.0, 16.0]]), 8)
     assert tokens.tolist() == [[0, 4, 7]]
     assert digits_ar.dequantise(tokens, 8)[0].tolist() == pytest.approx([-1.0, 1 / 7, 1.0])

@@ -32,8 +32,16 @@ Batch = tuple[torch.Tensor, "torch.Tensor | None"]
 
 @dataclass
 class LossOutput:
+    """What :meth:`Adapter.loss` returns.
+
+    loss: fp32 scalar. logratio: r [2B], real rows first, then fake rows (detached).
+    stats: extra per-step scalars on the device (e.g. VAR's per-scale log-ratios), logged as
+    extra metrics columns without a host sync; the same keys every step of a run, or None.
+    """
+
     loss: torch.Tensor
-    logratio: torch.Tensor  # [2B]: real rows first, then fake rows (detached)
+    logratio: torch.Tensor
+    stats: dict[str, torch.Tensor] | None = None
 
 
 class Adapter:
@@ -75,6 +83,23 @@ class Adapter:
         """
         raise NotImplementedError(f"{type(self).__name__}.loss")
 
+    def prepare_data(self, data: Any) -> Any:
+        """The user's real data in a form :func:`ddo_fast.train` takes (a tensor, ``(x,
+        labels)`` or a Dataset); default: unchanged (HFCausalLM packs a dict of token ids)."""
+        return data
+
+    def mle_loss(
+        self, model: nn.Module, real: Batch, noise: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The family's maximum-likelihood training loss on the real batch only (what
+        pre-training minimises; diffusion: the denoising loss at the step's noise levels, AR:
+        next-token cross-entropy), an fp32 scalar. ``noise`` comes from :meth:`draw` for the
+        step's B pairs; only the real rows' draws are used. :class:`MLEControl` trains on it."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.mle_loss: this adapter has no maximum-likelihood loss, so "
+            "MLEControl cannot wrap it; implement mle_loss(model, real, noise)"
+        )
+
     def ref_logprob(
         self, ref: nn.Module, x: torch.Tensor, labels: torch.Tensor | None
     ) -> torch.Tensor | None:
@@ -107,6 +132,52 @@ class Adapter:
     def sampler_config(self) -> dict[str, Any]:
         """What determines the samples besides weights and seed (part of the fake-cache key)."""
         return {}
+
+
+class MLEControl(Adapter):
+    """The fair maximum-likelihood control of a DDO run: ``train(model, data,
+    adapter=MLEControl(a), config=<the DDO run's exact TrainConfig>)`` spends the same steps,
+    batch, optimizer, lr schedule, EMA and best-checkpoint selection on ``a.mle_loss`` of the
+    real rows instead of the DDO loss.
+
+    :meth:`loss` returns ``LossOutput(a.mle_loss(model, real, noise), zeros [2B])``: the fake
+    pool is still drawn (so the step's random stream matches DDO's) and ignored, and the
+    reference is never run. Sampling, draws and the sampler settings are the wrapped adapter's.
+    """
+
+    def __init__(self, adapter: Adapter) -> None:
+        if not isinstance(adapter, Adapter):
+            raise TypeError(
+                f"MLEControl(adapter): expected an Adapter, got {type(adapter).__name__}"
+            )
+        self.adapter = adapter
+        self.backend = adapter.backend
+
+    def __repr__(self) -> str:
+        return f"MLEControl({self.adapter!r})"
+
+    def draw(self, batch, sample_shape, generator):
+        return self.adapter.draw(batch, sample_shape, generator)
+
+    def prepare_data(self, data):
+        return self.adapter.prepare_data(data)
+
+    def loss(self, model, ref, real, fake, noise, *, alpha, beta, ref_logprob=None):
+        loss = self.adapter.mle_loss(model, real, noise).float()
+        rows = real[0].shape[0] + fake[0].shape[0]
+        return LossOutput(loss, torch.zeros(rows, device=loss.device))
+
+    def mle_loss(self, model, real, noise):
+        return self.adapter.mle_loss(model, real, noise)
+
+    def ref_logprob(self, ref, x, labels):
+        return None  # the loss never uses the reference
+
+    def sample(self, model, n, labels, generator, device, shape):
+        return self.adapter.sample(model, n, labels, generator, device, shape)
+
+    def sampler_config(self):
+        return self.adapter.sampler_config()
 
 
 def pair_mask(batch: int, device: torch.device) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import ar_ddo_loss, sequence_logprob
@@ -118,6 +119,19 @@ class CausalAR(Adapter):
         if self.normalize_alpha:
             loss = loss / max(alpha, 1.0)
         return LossOutput(loss, r.detach())
+
+    def mle_loss(self, model, real, noise) -> torch.Tensor:
+        """Next-token cross-entropy of the real batch, mean over rows and tokens (nats/token):
+        -1/(B L) sum_b sum_i log softmax(z_theta)[y_bi], fp32 - what pre-training minimises.
+        With CFG rows, the real rows whose pair ``noise["uncond"]`` [B] drew the null label get
+        it here too, as in :meth:`loss`."""
+        tokens = real[0].long()
+        labels = real[1]
+        if self.cfg_rows(labels):
+            uncond = noise["uncond"].to(tokens.device)[: tokens.shape[0]]
+            labels = torch.where(uncond, torch.full_like(labels, self.null_label), labels)
+        logits = model(tokens, labels).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
     @torch.no_grad()
     def sample(self, model, n, labels, generator, device, shape):

@@ -1,11 +1,25 @@
-"""Shared parts of the handwritten-digits presets: data, feature classifier, Frechet distance.
+"""The handwritten-digits protocol shared by the digits presets (issue 11).
 
 Data: scikit-learn's ``load_digits`` (1,797 8x8 grey-scale digits, 10 classes, shipped inside
-the wheel; ``pip install ddo_fast[examples]``). Metric, computed the same way before and after
-DDO: the Frechet distance between 1,800 class-balanced generated samples and the data, in the
-128-d feature space of a small digit classifier trained here with a fixed seed (its held-out
-accuracy is printed), plus the FD in raw pixel space and the classifier's accuracy on the
-generated samples of each class.
+the wheel; ``pip install ddo_fast[examples]``), pixels scaled to [-1, 1].
+
+Per seed s: a stratified 80/20 split (:func:`~ddo_fast.examples.protocol.stratified_split`,
+seed s). Pre-training, DDO, the MLE control and the feature classifier see only the train part;
+every reported metric compares 1,800 class-balanced samples (180 per class, the *report*
+noise seed) with the **held-out** part (:func:`sample_metrics`). Checkpoint selection inside
+the runs (``eval_fn``) uses the feature FD of *selection*-seed samples against the **train part
+itself**, never the held-out part. The stages of a seed:
+
+* ``data_floor``: the train part scored as if it were samples (the FD bias of 360 held-out
+  images: what a perfect model would get);
+* ``baseline`` (the pre-trained EMA weights) and ``baseline_raw`` (its raw weights, the
+  one-time raw-vs-EMA comparison);
+* ``ddo``: :func:`ddo_fast.train` with the preset's TrainConfig;
+* ``mle_control``: the same call with :class:`~ddo_fast.adapters.MLEControl` and the exact same
+  TrainConfig (steps, batch, optimizer, lr, EMA, selection); it is also the converged-baseline
+  check (continuing MLE for the DDO budget must change held-out FD by < 5 %);
+* ``gain``: DDO's relative change of FD excess against the baseline, the control and the
+  better of the two, and its recall change.
 """
 
 from __future__ import annotations
@@ -13,15 +27,22 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..adapters import Adapter, MLEControl
+from ..training import TrainConfig
 from ..training.data import generator
+from .protocol import stratified_split, write_results
 
 EVAL_SAMPLES = 1800  # 180 per class: the class balance the paper stresses
+KID_SUBSETS = 100
+PR_K = 3  # Kynkaanniemi et al. 2019
+MEMORISED_QUANTILE = 0.05
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +63,7 @@ def load_scaled() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return pixels, pixels / 8.0 - 1.0, y
 
 
+# ---------------------------------------------------------------------------------- metrics
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FD between Gaussians fitted to rows of a and b:
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64 via eigh."""
@@ -62,6 +84,58 @@ def gaussian_frechet(mu_a, s_a, mu_b, s_b) -> float:
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(cross))
 
 
+def kernel_inception_distance(
+    a: np.ndarray, b: np.ndarray, subsets: int = KID_SUBSETS, size: int = 1000, seed: int = 0
+) -> float:
+    """KID (Binkowski et al. 2018, Sec. 3): the unbiased MMD^2 with the polynomial kernel
+    k(x, y) = (x.y / d + 1)^3, averaged over ``subsets`` random subsets of m = min(size, |a|,
+    |b|) rows of each set:
+
+        MMD^2_u = sum_{i!=j} k(a_i, a_j) / (m(m-1)) + sum_{i!=j} k(b_i, b_j) / (m(m-1))
+                  - 2 sum_{i,j} k(a_i, b_j) / m^2
+
+    float64; unbiased, so it can be slightly negative when the sets match."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d, m = a.shape[1], min(size, len(a), len(b))
+    if m < 2:
+        raise ValueError("kernel_inception_distance: need at least 2 rows in each set")
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        off = m * (m - 1)
+        total += (kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off
+        total -= 2 * kxy.mean()
+    return float(total / subsets)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, Eq. 1-2): each set's manifold is
+    the union of balls around its points with radius the distance to the point's k-th nearest
+    neighbour in the same set; precision = share of fakes inside the real manifold, recall =
+    share of reals inside the fake manifold. float64 Euclidean distances."""
+    real_t = torch.as_tensor(np.asarray(real, np.float64))
+    fake_t = torch.as_tensor(np.asarray(fake, np.float64))
+    if min(len(real_t), len(fake_t)) <= k:
+        raise ValueError(f"precision_recall: each set needs more than k={k} rows")
+
+    def radii(x: torch.Tensor) -> torch.Tensor:
+        # k+1-th smallest: the point itself is its own nearest neighbour at distance 0
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+    cross = torch.cdist(fake_t, real_t)  # [fake, real]
+    precision = (cross <= radii(real_t)[None, :]).any(1).double().mean().item()
+    recall = (cross <= radii(fake_t)[:, None]).any(0).double().mean().item()
+    return precision, recall
+
+
+def nearest_distance(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """[len(x)] float64 Euclidean distance of each row of ``x`` to its nearest row of ``ref``."""
+    return torch.cdist(x.double().flatten(1), ref.double().flatten(1)).min(1).values
+
+
 class DigitClassifier(nn.Module):
     """64 -> 256 -> 128 (features) -> 10, on pixels scaled to [-1, 1]."""
 
@@ -78,175 +152,256 @@ class DigitClassifier(nn.Module):
 
 
 def train_classifier(
-    x: torch.Tensor, y: torch.Tensor, out: Path, seed: int = 0, steps: int = 3000
+    x: torch.Tensor, y: torch.Tensor, path: Path, seed: int, steps: int = 3000
 ) -> DigitClassifier:
-    """Trained once with a fixed seed on 80 % of the data (cached in ``out``); prints its
-    accuracy on the other 20 %."""
+    """The feature classifier, trained on ``x``, ``y`` only (the split's train part) with a
+    fixed seed; cached at ``path``."""
     with torch.random.fork_rng():  # the same weights whatever ran before, no side effects
         torch.manual_seed(seed)
         net = DigitClassifier()
-    path = out / f"classifier-v2-{seed}-{steps}.pt"
-    g = generator(seed, "classifier")
-    perm = torch.randperm(len(x), generator=g)
-    cut = int(0.8 * len(x))
-    tr, te = perm[:cut], perm[cut:]
     if path.exists():
         net.load_state_dict(torch.load(path, weights_only=True))
     else:
+        g = generator(seed, "classifier")
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
         for _ in range(steps):
-            idx = tr[torch.randint(len(tr), (128,), generator=g)]
+            idx = torch.randint(len(x), (128,), generator=g)
             noisy = x[idx] + 0.05 * torch.randn(len(idx), 64, generator=g)  # mild robustness
             loss = nn.functional.cross_entropy(net(noisy), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(net.state_dict(), path)
-    net.eval().requires_grad_(False)
-    acc = (net(x[te]).argmax(1) == y[te]).float().mean().item()
-    print(f"feature classifier: held-out accuracy {100 * acc:.1f}% ({len(te)} digits)")
-    return net
+    return net.eval().requires_grad_(False)
 
 
-class Evaluator:
-    """Feature FD, pixel FD and class accuracy of class-balanced samples from a model."""
+@dataclass
+class Split:
+    """One seed's data: the train part (what every model sees) and the held-out part."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_held: torch.Tensor
+    y_held: torch.Tensor
+    train_idx: torch.Tensor
+
+
+class DigitsMetrics:
+    """Every reported metric of samples against the held-out part (``__call__``), the data
+    floor, and the selection score against the train part (:meth:`select`)."""
 
     def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        classifier: DigitClassifier,
-        generate: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
-        seed: int,
+        self, split: Split, clf: DigitClassifier, seed: int, samples: int = EVAL_SAMPLES
     ) -> None:
-        self.x, self.y, self.clf, self.generate, self.seed = x, y, classifier, generate, seed
+        self.split, self.clf, self.seed = split, clf, seed
         with torch.no_grad():
-            self.data_feats = classifier.features(x).numpy()
-        self.labels = torch.arange(EVAL_SAMPLES) % 10
+            self.train_feats = clf.features(split.x_train).double().numpy()
+            self.held_feats = clf.features(split.x_held).double().numpy()
+        # memorisation threshold: 5th percentile of held-out -> train nearest-neighbour distances
+        held_nn = nearest_distance(split.x_held, split.x_train)
+        self.memo_threshold = float(torch.quantile(held_nn, MEMORISED_QUANTILE))
+        self.labels = torch.arange(samples) % 10  # class-balanced
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, purpose: str = "select") -> dict[str, float]:
-        t0 = time.time()
-        samples = self.generate(model, self.labels, generator(self.seed, purpose)).clamp(-1, 1)
-        feats = self.clf.features(samples).numpy()
+    def __call__(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """fd, kid, pixel_fd, precision, recall (classifier features, k = 3, the first
+        |held-out| samples - class-balanced - against the held-out part, equal set sizes as
+        the paper's), class_acc (mean over classes of the classifier's accuracy on the
+        samples of that class), min_class_acc, memorised (share of samples closer to their
+        nearest train image, in pixels, than the threshold)."""
+        samples = samples.reshape(len(samples), 64).clamp(-1, 1)
+        feats = self.clf.features(samples).double().numpy()
         pred = self.clf(samples).argmax(1)
-        per_class = [(pred[self.labels == c] == c).float().mean().item() for c in range(10)]
+        per_class = [(pred[labels == c] == c).float().mean().item() for c in range(10)]
+        n = len(self.held_feats)
+        precision, recall = precision_recall(self.held_feats, feats[:n])
+        memorised = nearest_distance(samples, self.split.x_train) < self.memo_threshold
         return {
-            "fd": frechet_distance(feats, self.data_feats),
-            "pixel_fd": frechet_distance(samples.reshape(len(samples), 64).numpy(), self.x.numpy()),
+            "fd": frechet_distance(feats, self.held_feats),
+            "kid": kernel_inception_distance(feats, self.held_feats, seed=self.seed),
+            "pixel_fd": frechet_distance(samples.numpy(), self.split.x_held.numpy()),
+            "precision": precision,
+            "recall": recall,
             "class_acc": float(np.mean(per_class)),
             "min_class_acc": float(np.min(per_class)),
-            "eval_seconds": time.time() - t0,
+            "memorised": memorised.double().mean().item(),
         }
 
-    def samples(self, model: nn.Module, purpose: str = "report") -> torch.Tensor:
-        return self.generate(model, self.labels, generator(self.seed, purpose)).clamp(-1, 1)
+    def floor(self) -> dict[str, float]:
+        """The train part scored as samples against the held-out part (the memorised figure
+        of the held-out images themselves: the reference share, ~5 % by construction)."""
+        s = self.split
+        floor = {
+            "fd": frechet_distance(self.train_feats, self.held_feats),
+            "pixel_fd": frechet_distance(s.x_train.numpy(), s.x_held.numpy()),
+            "kid": kernel_inception_distance(self.train_feats, self.held_feats, seed=self.seed),
+        }
+        held_nn = nearest_distance(s.x_held, s.x_train)
+        floor["memorised"] = (held_nn < self.memo_threshold).double().mean().item()
+        return floor
+
+    @torch.no_grad()
+    def select(self, samples: torch.Tensor) -> dict[str, float]:
+        """Selection score: feature FD of (selection-seed) samples against the TRAIN part."""
+        feats = self.clf.features(samples.reshape(len(samples), 64).clamp(-1, 1)).numpy()
+        return {"fd": frechet_distance(feats, self.train_feats)}
 
 
-def write_report(
-    out: Path, title: str, before: dict, rounds: list[dict], after: dict, extra: dict
-) -> str:
-    """Results table (markdown) per round; returns the text."""
-    head = (
-        "| stage | feature FD | pixel FD | class acc | min class acc | wall s |\n"
-        "|---|---|---|---|---|---|"
-    )
-    rows = [
-        f"| pretrained (report seed) | {before['fd']:.3f} | {before['pixel_fd']:.3f} | "
-        f"{100 * before['class_acc']:.1f}% | {100 * before['min_class_acc']:.1f}% | |"
-    ]
-    for r in rounds:
-        rows.append(
-            f"| round {r['round'] + 1}, best step {r['best_step_in_round']} (selection "
-            f"seed) | {r['fd']:.3f} | {r['pixel_fd']:.3f} | {100 * r['class_acc']:.1f}% | "
-            f"{100 * r['min_class_acc']:.1f}% | {r['seconds']:.0f} |"
-        )
-    rows.append(
-        f"| after DDO (report seed) | {after['fd']:.3f} | {after['pixel_fd']:.3f} | "
-        f"{100 * after['class_acc']:.1f}% | {100 * after['min_class_acc']:.1f}% | |"
-    )
-    change = 100 * (after["fd"] - before["fd"]) / before["fd"]
-    lines = [
-        f"# {title}",
-        "",
-        head,
-        *rows,
-        "",
-        f"Feature FD change (report seed): {change:+.1f}%",
-        "",
-    ]
-    lines += [f"- {k}: {v}" for k, v in extra.items()]
-    text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    print(text)
-    return text
+# --------------------------------------------------------------------------------- protocol
+Generate = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def run_ddo(
+@dataclass
+class SeedSetup:
+    """What a preset gives the protocol for one seed: the pre-trained EMA and raw models, the
+    adapter, the training data (the train part in the model's format) and ``generate(model,
+    labels, generator) -> pixels [n, 64] in [-1, 1]``."""
+
+    model: nn.Module
+    raw: nn.Module
+    adapter: Adapter
+    data: tuple[torch.Tensor, torch.Tensor]
+    generate: Generate
+    info: dict
+
+
+def split_for(seed: int) -> Split:
+    _, x, y = load_scaled()
+    tr, ho = stratified_split(y, seed, 0.8)
+    return Split(x[tr], y[tr], x[ho], y[ho], tr)
+
+
+def run_protocol(
     out: Path,
     title: str,
-    model: nn.Module,
-    data,
-    adapter,
-    cfg,
-    evaluate: Evaluator,
-    t0: float,
-    plot: bool,
-    extra: dict | None = None,
+    cfg: TrainConfig,
+    seeds: list[int],
+    setup: Callable[[Split, int, Path], SeedSetup],
+    *,
+    plot: bool = False,
+    control: bool = True,
+    notes: dict | None = None,
+    eval_samples: int = EVAL_SAMPLES,
+    classifier_steps: int = 3000,
 ) -> dict:
-    """The part both presets share: evaluate the pre-trained model, run DDO, evaluate again
-    (on report-seed samples the selection never saw), write results.md and samples.png into
-    ``cfg.out_dir``."""
+    """The issue-11 protocol for each seed in ``seeds`` (caches in ``out/cache``, runs in
+    ``cfg.out_dir/seed-S/{ddo,control}``); writes results.json / results.md (in ``out`` for the
+    default run folder ``out/ddo``, else in ``cfg.out_dir``), prints the table, returns the
+    results dict."""
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds={seeds!r}: must be a non-empty list of integers")
+    out = Path(out)
+    run_root = Path(cfg.out_dir or out / "ddo")
+    dest = out if run_root == out / "ddo" else run_root
+    runs = []
+    for seed in seeds:
+        seed_cfg = cfg.replace(seed=seed)
+        sizes = (eval_samples, classifier_steps)
+        runs.append(run_seed(out, run_root, title, seed_cfg, setup, plot, control, sizes))
+        plot = False  # one picture, of the first seed
+    results = write_results(dest, title, runs, notes)
+    print((dest / "results.md").read_text())
+    return results
+
+
+def _evaluate(metrics: DigitsMetrics, generate: Generate, model: nn.Module, seed: int, floor):
+    labels = metrics.labels
+    samples = generate(model, labels, generator(seed, "report")).reshape(len(labels), 64)
+    m = metrics(samples, labels)
+    m["fd_excess"] = m["fd"] - floor["fd"]
+    return m, samples
+
+
+def run_seed(
+    out: Path,
+    run_root: Path,
+    title: str,
+    cfg: TrainConfig,
+    setup: Callable[[Split, int, Path], SeedSetup],
+    plot: bool,
+    control: bool,
+    sizes: tuple[int, int] = (EVAL_SAMPLES, 3000),
+) -> dict:
+    """One seed of :func:`run_protocol`: split, classifier, pre-training (cached), DDO, the MLE
+    control, every metric on the held-out part."""
     from ..training import train
 
-    run_dir = Path(cfg.out_dir)
-    before_x = evaluate.samples(model)
-    before = evaluate(model, "report")
-    print("pretrained: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
+    t0, seed = time.time(), cfg.seed
+    split = split_for(seed)
+    cache = out / "cache"
+    samples, steps = sizes  # eval samples, classifier steps
+    clf_path = cache / f"classifier-{seed}-{steps}.pt"
+    clf = train_classifier(split.x_train, split.y_train, clf_path, seed, steps)
+    with torch.no_grad():
+        acc = (clf(split.x_held).argmax(1) == split.y_held).float().mean().item()
+    print(f"seed {seed}: classifier held-out accuracy {100 * acc:.1f}% ({len(split.y_held)})")
+    metrics = DigitsMetrics(split, clf, seed, samples)
+    s = setup(split, seed, cache)
+    floor = metrics.floor()
+
+    def select(model: nn.Module) -> dict[str, float]:
+        return metrics.select(s.generate(model, metrics.labels, generator(seed, "select")))
+
+    run: dict = {"seed": seed, "data_floor": floor}
+    run["baseline"], base_x = _evaluate(metrics, s.generate, s.model, seed, floor)
+    run["baseline_raw"], _ = _evaluate(metrics, s.generate, s.raw, seed, floor)
+    print(f"seed {seed}: floor {_line(floor)}\n  baseline {_line(run['baseline'])}")
     t1 = time.time()
-    result = train(model, data, adapter=adapter, config=cfg, eval_fn=evaluate)
-    after_x = evaluate.samples(result.model)
-    after = evaluate(result.model, "report")
-    keys = (
-        "alpha",
-        "beta",
-        "lr",
-        "batch_size",
-        "steps_per_round",
-        "rounds",
-        "fake_samples_per_round",
-        "ema",
+    res = train(
+        copy.deepcopy(s.model),
+        s.data,
+        adapter=s.adapter,
+        config=cfg.replace(out_dir=str(run_root / f"seed-{seed}" / "ddo")),
+        eval_fn=select,
     )
-    info = {
-        "config": {k: getattr(cfg, k) for k in keys},
-        **(extra or {}),
-        "DDO seconds": round(time.time() - t1),
-        "total seconds": round(time.time() - t0),
-    }
-    write_report(run_dir, title, before, result.metrics, after, info)
+    ddo_seconds = time.time() - t1
+    run["ddo"], ddo_x = _evaluate(metrics, s.generate, res.model, seed, floor)
+    run["ddo"]["best_step"] = res.metrics[-1]["best_step_in_round"]
+    print(f"  ddo {_line(run['ddo'])}")
+    if control:
+        ctrl = train(
+            copy.deepcopy(s.model),
+            s.data,
+            adapter=MLEControl(s.adapter),
+            config=cfg.replace(out_dir=str(run_root / f"seed-{seed}" / "control")),
+            eval_fn=select,
+        )
+        run["mle_control"], _ = _evaluate(metrics, s.generate, ctrl.model, seed, floor)
+        run["mle_control"]["best_step"] = ctrl.metrics[-1]["best_step_in_round"]
+        print(f"  mle_control {_line(run['mle_control'])}")
+        run["gain"] = gains(run)
+        change = 100 * run["gain"]["control_fd_change"]
+        verdict = "PASS" if abs(change) < 5 else "FAIL: the baseline is not converged"
+        print(
+            f"  converged-baseline check: more MLE changes held-out FD by {change:+.1f}% "
+            f"(< 5 %: {verdict})"
+        )
+    run["config"] = {**asdict(cfg), **s.info}
+    run["seconds"] = round(time.time() - t0, 1)
+    run["ddo_seconds"] = round(ddo_seconds, 1)
     if plot:
-        save_grid(run_dir / "samples.png", before_x, after_x)
-    return {"before": before, "after": after, "rounds": result.metrics, "out": run_dir}
+        save_grid(out / "samples.png", base_x, ddo_x)
+    return run
 
 
-def mle_control(
-    model: nn.Module,
-    cfg,
-    evaluate: Evaluator,
-    fit_more: Callable[[nn.Module, int, int, int, float], nn.Module],
-) -> dict[str, float]:
-    """The control run: the DDO run's budget (steps_per_round * rounds steps of 2 * batch_size
-    samples, its real + fake rows) spent on more likelihood training at the DDO lr, constant,
-    with seed + 1. ``fit_more(model, steps, seed, batch, lr)`` trains a copy of ``model``."""
-    ctrl = fit_more(
-        copy.deepcopy(model).train(),
-        cfg.steps_per_round * cfg.rounds,
-        cfg.seed + 1,
-        2 * cfg.batch_size,
-        cfg.lr,
-    )
-    return {"MLE control feature FD (report seed)": round(evaluate(ctrl, "report")["fd"], 3)}
+def gains(run: dict) -> dict[str, float]:
+    """DDO's relative change of FD excess (negative = better) against the baseline, the
+    control, and the better (lower excess) of the two; recall change against the baseline;
+    the control's relative change of held-out FD (the converged-baseline check)."""
+    b, c, d = run["baseline"], run["mle_control"], run["ddo"]
+    better = min(b["fd_excess"], c["fd_excess"])
+    return {
+        "excess_vs_baseline": d["fd_excess"] / b["fd_excess"] - 1,
+        "excess_vs_control": d["fd_excess"] / c["fd_excess"] - 1,
+        "excess_vs_better": d["fd_excess"] / better - 1,
+        "recall_vs_baseline": d["recall"] - b["recall"],
+        "control_fd_change": c["fd"] / b["fd"] - 1,
+    }
+
+
+def _line(m: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))
 
 
 def save_grid(path: Path, before: torch.Tensor, after: torch.Tensor, per_class: int = 8) -> None:
@@ -259,7 +414,7 @@ def save_grid(path: Path, before: torch.Tensor, after: torch.Tensor, per_class: 
     except ImportError:
         print("matplotlib not installed: no picture")
         return
-    labels = torch.arange(EVAL_SAMPLES) % 10
+    labels = torch.arange(len(before)) % 10
 
     def block(s: torch.Tensor) -> np.ndarray:
         rows = []
@@ -270,10 +425,11 @@ def save_grid(path: Path, before: torch.Tensor, after: torch.Tensor, per_class: 
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 6))
     for ax, (title, s) in zip(axes, [("pretrained", before), ("after DDO", after)], strict=True):
-        ax.imshow(block(s), cmap="gray_r", vmin=-1, vmax=1)
+        ax.imshow(block(s.clamp(-1, 1)), cmap="gray_r", vmin=-1, vmax=1)
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"wrote {path}")

@@ -1,15 +1,17 @@
-"""``ddo-fast train --preset digits-diffusion``: DDO on a class-conditional EDM digit model.
+"""``ddo-fast train --preset digits-diffusion``: DDO on a class-conditional EDM digit model,
+under the held-out, multi-seed protocol of :mod:`ddo_fast.examples.digits`.
 
 A class-conditional EDM denoiser (an MLP, 3 hidden layers of 256, sigma_data 0.5; pixels in
-[-1, 1]) is pre-trained by plain denoising for a fixed budget (cached in the output folder), then
-fine-tuned by DDO rounds with :class:`~ddo_fast.adapters.EDMDenoiser` and fakes from the EDM Heun
-sampler; guidance-free evaluation (see :mod:`ddo_fast.examples.digits`). Settings: the
-``digits-diffusion`` row of :data:`ddo_fast.examples.presets.PRESETS`.
+[-1, 1]) is pre-trained on the seed's train part by plain denoising
+(:meth:`~ddo_fast.adapters.EDMDenoiser.mle_loss`, Karras et al. 2022 Eq. 2) for a fixed budget
+(cached), then fine-tuned by DDO with :class:`~ddo_fast.adapters.EDMDenoiser` and fakes from the
+EDM Heun sampler; the MLE control continues the denoising loss under the same TrainConfig.
+Guidance-free evaluation. Settings: the ``digits-diffusion`` row of
+:data:`ddo_fast.examples.presets.PRESETS`.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -18,9 +20,9 @@ from .. import adapters as A
 from ..models import EDMPrecond, MLPDenoiser
 from ..training import TrainConfig
 from ..training.data import generator
-from .digits import Evaluator, load_scaled, mle_control, run_ddo, train_classifier
+from .digits import SeedSetup, Split, run_protocol
 from .presets import preset_runner
-from .pretrain import cached_pretrain, edm_denoising_loss, exp_decay, fit
+from .pretrain import cached_pretrain_pair, exp_decay, fit
 
 
 def make_model() -> EDMPrecond:
@@ -37,17 +39,20 @@ def pretrain(
     batch: int = 128,
     lr: float = 1e-3,
     lr_end: float = 1e-5,
-) -> EDMPrecond:
-    """Plain EDM denoising, lr `lr` -> `lr_end` (exponential), EMA 0.999; returns the EMA."""
+) -> tuple[EDMPrecond, EDMPrecond]:
+    """Plain EDM denoising (the adapter's ``mle_loss``), Adam, lr ``lr`` -> ``lr_end``
+    (exponential), EMA 0.999; returns (EMA, raw)."""
     g = generator(seed, "pretrain")
     torch.manual_seed(seed)
 
     def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(len(x), (batch,), generator=g)
-        return edm_denoising_loss(model, adapter, x[idx], y[idx], g)
+        noise = adapter.draw(batch, tuple(x.shape[1:]), g)
+        return adapter.mle_loss(model, (x[idx], y[idx]), noise)
 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    return fit(model, opt, steps, exp_decay(lr, lr_end / lr, steps), loss_at, ema=0.999)
+    lr_at = exp_decay(lr, lr_end / lr, steps)
+    return fit(model, opt, steps, lr_at, loss_at, ema=0.999, keep_raw=True)
 
 
 run = preset_runner("digits-diffusion")
@@ -59,33 +64,44 @@ def build(
     *,
     pretrain_steps: int,
     sample_steps: int,
+    seeds: list[int],
+    control: bool,
     plot: bool,
-    control_mle: bool,
+    eval_samples: int,
+    classifier_steps: int,
 ) -> dict:
-    t0 = time.time()
-    seed = cfg.seed
-    _, x, y = load_scaled()
-    clf = train_classifier(x, y, out, seed)
     adapter = A.EDMDenoiser(
         sigma_data=0.5, P_mean=-1.2, P_std=1.2, steps=sample_steps, sample_batch=2048
-    )
-    torch.manual_seed(seed)
-    model = cached_pretrain(
-        out / f"pretrained-diffusion-{pretrain_steps}-{seed}.pt",
-        make_model(),
-        lambda m: pretrain(m, adapter, x, y, pretrain_steps, seed),
     )
 
     def generate(m, labels, g):
         return adapter.sample(m, len(labels), labels, g, torch.device("cpu"), (64,))
 
-    evaluate = Evaluator(x, y, clf, generate, seed)
-    extra: dict = {}
-    if control_mle:  # the same steps and samples spent on more denoising training instead
-        extra |= mle_control(
-            model,
-            cfg,
-            evaluate,
-            lambda m, steps, s, batch, lr: pretrain(m, adapter, x, y, steps, s, batch, lr, lr),
-        )
-    return run_ddo(out, "digits-diffusion", model, (x, y), adapter, cfg, evaluate, t0, plot, extra)
+    def setup(split: Split, seed: int, cache: Path) -> SeedSetup:
+        x, y = split.x_train, split.y_train
+        with torch.random.fork_rng():  # initial weights from the seed, not from what ran before
+            torch.manual_seed(seed)
+            ema, raw = cached_pretrain_pair(
+                cache / f"pretrained-diffusion-{pretrain_steps}-{seed}.pt",
+                make_model,
+                lambda m: pretrain(m, adapter, x, y, pretrain_steps, seed),
+            )
+        info = {"pretrain_steps": pretrain_steps, "sample_steps": sample_steps}
+        return SeedSetup(ema, raw, adapter, (x, y), generate, info)
+
+    notes = {
+        "selection metric": "feature FD of selection-seed samples vs the seed's train part",
+        "baseline": "EMA (0.999) of the pre-training; baseline_raw: its raw weights",
+    }
+    return run_protocol(
+        out,
+        "digits-diffusion",
+        cfg,
+        seeds,
+        setup,
+        plot=plot,
+        control=control,
+        notes=notes,
+        eval_samples=eval_samples,
+        classifier_steps=classifier_steps,
+    )

@@ -33,6 +33,28 @@ def cached_pretrain(
     return model.eval()
 
 
+def cached_pretrain_pair(
+    path: Path,
+    make_model: Callable[[], nn.Module],
+    fit_pair: Callable[[nn.Module], tuple[nn.Module, nn.Module]],
+) -> tuple[nn.Module, nn.Module]:
+    """(EMA, raw) pre-trained models: loaded from ``path`` if it exists, else ``fit_pair(model)``
+    -> (EMA, raw) and saved there (both state dicts)."""
+    t0 = time.time()
+    ema, raw = make_model(), make_model()
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+        ema.load_state_dict(blob["ema"])
+        raw.load_state_dict(blob["raw"])
+        print(f"pre-trained model loaded from {path}")
+    else:
+        ema, raw = fit_pair(raw)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"ema": ema.state_dict(), "raw": raw.state_dict()}, path)
+        print(f"pre-trained in {time.time() - t0:.1f}s -> {path}")
+    return ema.eval(), raw.eval()
+
+
 def exp_decay(lr: float, ratio: float, steps: int) -> Callable[[int], float]:
     """lr * ratio^(step / (steps - 1)): from ``lr`` to ``ratio * lr``."""
     return lambda step: lr * (ratio ** (step / max(steps - 1, 1)))
@@ -57,9 +79,11 @@ def fit(
     *,
     ema: float | None = None,
     log_every: int = 0,
-) -> nn.Module:
+    keep_raw: bool = False,
+) -> nn.Module | tuple[nn.Module, nn.Module]:
     """``steps`` optimizer steps on ``loss_at(step)`` with lr ``lr_at(step)``; returns the
-    model, or its EMA (decay ``ema`` per step) when ``ema`` is set, in eval mode."""
+    model, or its EMA (decay ``ema`` per step) when ``ema`` is set, in eval mode; with
+    ``keep_raw`` the pair (that, the raw model)."""
     average = copy.deepcopy(model).requires_grad_(False) if ema else None
     model.train()
     for step in range(steps):
@@ -74,7 +98,8 @@ def fit(
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"  pretrain step {step}: loss {loss.item():.4f}")
     out = average if average is not None else model
-    return out.eval().requires_grad_(True)
+    out = out.eval().requires_grad_(True)
+    return (out, model.eval()) if keep_raw else out
 
 
 def edm_denoising_loss(
