@@ -1,0 +1,77 @@
+"""The tiny-lm preset end to end at a tiny budget (1 seed), and its exactly-checkable task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from ddo_fast.examples import tiny_lm  # noqa: E402
+from ddo_fast.examples.presets import run_preset  # noqa: E402
+
+
+def test_task_rows_and_answers():
+    rows = tiny_lm.make_rows(torch.tensor([7, 95]), torch.tensor([5, 8]), digits=2)
+    ids, labels = rows["input_ids"], rows["labels"]
+    # <bos>7+5=12<eos>: the response "12<eos>" is labelled, the prompt is not
+    assert ids[0, :8].tolist() == [
+        tiny_lm.BOS,
+        7,
+        tiny_lm.PLUS,
+        5,
+        tiny_lm.EQUALS,
+        1,
+        2,
+        tiny_lm.EOS,
+    ]
+    assert (labels[0, :5] == -100).all() and labels[0, 5:8].tolist() == [1, 2, tiny_lm.EOS]
+    assert (labels[0, 8:] == -100).all() and rows["attention_mask"][0].sum() == 8
+    assert rows["answer"].tolist() == [12, 103]
+    assert tiny_lm.decode_answer(
+        torch.tensor([[1, 0, 3, tiny_lm.EOS], [tiny_lm.EOS, 1, 1, 1], [4, tiny_lm.PLUS, 1, 1]])
+    ) == [103, None, None]
+    assert tiny_lm.carries(torch.tensor([95, 11]), torch.tensor([8, 11]), 2).tolist() == [2, 0]
+
+
+def test_held_out_prompts_are_not_trained_on():
+    task = tiny_lm.Task(digits=2, seed=1, eval_prompts=50, select_prompts=20, pairs=2000)
+    train = {tuple(r) for r in task.train["input_ids"].tolist()}
+    assert not train & {tuple(r) for r in task.held["input_ids"].tolist()}
+    assert {tuple(r) for r in task.select["input_ids"].tolist()} <= train
+
+
+@pytest.mark.slow
+def test_preset_tiny_budget_writes_results(tmp_path):
+    res = run_preset(
+        "tiny-lm",
+        tmp_path,
+        digits=1,
+        pairs=0,
+        dim=16,
+        layers=1,
+        heads=2,
+        pretrain_steps=20,
+        pretrain_batch=16,
+        eval_prompts=10,
+        eval_samples=1,
+        select_prompts=8,
+        seeds=[5],
+        batch_size=8,
+        steps_per_round=4,
+        fake_samples_per_round=16,
+        eval_every=2,
+        log_every=2,
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(res["summary"]))
+    (run,) = saved["runs"]
+    assert run["seed"] == 5 and run["seconds"] > 0
+    for stage in ("baseline", "ddo", "mle_control"):
+        assert set(run[stage]) == {"exact_greedy", "exact_sampled", "nll"}
+        assert 0 <= run[stage]["exact_greedy"] <= 100 and 0 <= run[stage]["exact_sampled"] <= 100
+        assert saved["summary"][stage]["exact_sampled"]["n"] == 1
+    assert run["config"]["train"]["seed"] == 5 and run["config"]["digits"] == 1
+    assert "exact_sampled" in (tmp_path / "results.md").read_text()
