@@ -70,6 +70,64 @@ def test_host_syncs_per_step_at_most_one(tmp_path, monkeypatch, kw):
     assert total <= 10, counts  # not merely <= 1 per step: none per step at all
 
 
+class WithStats(A.EDMDenoiser):
+    """EDMDenoiser whose LossOutput.stats carries two device scalars: twice the loss (checkable
+    against the loss column) and the fake rows' mean r (against r_fake); ``rename`` switches to
+    other keys from the given step on (a contract violation)."""
+
+    rename: int = 0
+
+    def loss(self, *args, **kwargs):
+        out = super().loss(*args, **kwargs)
+        self.calls = getattr(self, "calls", 0) + 1
+        fake_r = out.logratio.chunk(2)[1].mean()
+        key = "other" if self.rename and self.calls >= self.rename else "fake_r"
+        out.stats = {"twice_loss": 2 * out.loss.detach(), key: fake_r}
+        return out
+
+
+def test_loss_stats_become_metrics_columns_without_host_syncs(tmp_path, monkeypatch):
+    """LossOutput.stats: extra metrics.csv / history columns after the standard ones, every
+    step's value, read back in the same flush (the host reads of the run equal a run without
+    stats: no sync per step); keys that change mid-run are refused by name."""
+    data = sample_data(64, generator(0, "d"))
+    fakes = sample_data(32, generator(1, "d"))
+    counts: collections.Counter = collections.Counter()
+
+    def counting(name, orig):
+        def wrapper(self, *a, **k):
+            counts[name] += 1
+            return orig(self, *a, **k)
+
+        return wrapper
+
+    def run(adapter, out):
+        counts.clear()
+        for name in SYNC_METHODS:
+            monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        cfg = _cfg(out, steps_per_round=30, log_every=10)
+        res = ddo_fast.train(EDMMLP(hidden=8), data, adapter=adapter, config=cfg, fake_data=fakes)
+        monkeypatch.undo()
+        return res, sum(counts.values())
+
+    torch.manual_seed(0)
+    plain, plain_reads = run(A.EDMDenoiser(sigma_data=1.0, steps=3), tmp_path / "a")
+    torch.manual_seed(0)
+    res, reads = run(WithStats(sigma_data=1.0, steps=3), tmp_path / "b")
+    assert reads == plain_reads
+    rows = _rows(tmp_path / "b" / "metrics.csv")
+    assert list(rows[0])[-2:] == ["twice_loss", "fake_r"] and len(rows) == 30
+    for row, h, p in zip(rows, res.history, plain.history, strict=True):
+        assert float(row["twice_loss"]) == pytest.approx(2 * float(row["loss"]), rel=1e-6)
+        assert float(row["fake_r"]) == pytest.approx(float(row["r_fake"]), rel=1e-5, abs=1e-7)
+        assert h["loss"] == p["loss"]  # the stats change nothing else
+    with pytest.raises(ValueError, match=r"stats keys changed.*'fake_r'.*'other'"):
+        bad = WithStats(sigma_data=1.0, steps=3)
+        bad.rename = 4
+        cfg = _cfg(tmp_path / "c", steps_per_round=6)
+        ddo_fast.train(EDMMLP(hidden=8), data, adapter=bad, config=cfg, fake_data=fakes)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_steps_do_not_synchronize(tmp_path):
     """CUDA's own detector (sync debug mode "warn") counts every synchronizing call; the runs

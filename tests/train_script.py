@@ -1,10 +1,15 @@
-"""A small DDO run driven from tests in child processes (resume-after-kill, torchrun DDP).
+"""A small DDO run driven from tests in child processes (resume-after-kill, torchrun DDP/FSDP).
 
 python tests/train_script.py OUT [--resume] [--kill-at-eval N] [--steps S] [--batch B] ...
-Writes OUT/final.pt (the trained weights) when it finishes; with --all-ranks every rank writes
-OUT/final-rank{R}.pt and OUT/metrics-rank{R}.json. Prints "training" (flushed) when train()
-starts. Test hooks: --step-sleep (seconds per loss call), --ckpt-sleep (seconds after the first
-file of every checkpoint write), --rank-eval (an eval_fn whose score depends on the rank).
+Writes OUT/final.pt (the trained weights, gathered when sharded) when it finishes; with
+--all-ranks every rank writes OUT/final-rank{R}.pt and OUT/metrics-rank{R}.json. Prints
+"training" (flushed) when train() starts. Test hooks: --step-sleep (seconds per loss call),
+--ckpt-sleep (seconds after the first file of every checkpoint write), --rank-eval (an eval_fn
+whose score depends on the rank), --distributed ddp|fsdp, --model mlp (EDM MLP, no blocks) |
+blocks (CausalTransformer + CausalAR: FSDP units per block, KV-cache sampler) | fused (the
+same with the fused-linear loss on hidden states and the head weight, and LossOutput.stats),
+--chunk (the fused loss's chunk_size), --count-gathers (FSDP all-gathers per step into
+OUT/gathers-rank{R}.json, with the head weights the loss saw).
 """
 
 import argparse
@@ -18,10 +23,106 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torch.distributed as dist  # noqa: E402
+
 import ddo_fast  # noqa: E402
+from ddo_fast import adapters as A  # noqa: E402
+from ddo_fast.adapters.base import LossOutput, cat_labels, pair_mask  # noqa: E402
 from ddo_fast.examples.toy2d import EDMMLP, sample_data  # noqa: E402
-from ddo_fast.training import checkpoint  # noqa: E402
+from ddo_fast.models import CausalTransformer  # noqa: E402
+from ddo_fast.ops.fused_linear_ar_ddo import fused_linear_ar_ddo_loss  # noqa: E402
+from ddo_fast.training import checkpoint, fsdp  # noqa: E402
 from ddo_fast.training.data import generator  # noqa: E402
+
+VOCAB, SEQ, CLASSES = 7, 6, 3
+
+
+class HiddenTransformer(CausalTransformer):
+    """CausalTransformer whose forward can stop before the head (hidden=True: the final
+    normed hidden states [B, L, dim]), for the fused-linear loss. No qkv bias: the key bias's
+    gradient is 0 in exact arithmetic (softmax ignores a shift shared by all keys), and Adam
+    turns its rounding noise into lr-sized steps that differ between 1 and 2 ranks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for block in self.blocks:
+            block.qkv = torch.nn.Linear(block.qkv.in_features, block.qkv.out_features, bias=False)
+
+    def forward(self, tokens, labels=None, hidden=False):
+        b, n = tokens.shape
+        if labels is None:
+            labels = torch.full((b,), self.num_classes, device=tokens.device, dtype=torch.long)
+        x = torch.cat([self.cls(labels)[:, None], self.tok(tokens[:, : n - 1])], 1)
+        x = x + self.pos[:n]
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln(x)
+        return x if hidden else self.head(x)
+
+
+class FusedHeadAR(A.CausalAR):
+    """CausalAR with r from the fused-linear loss: hidden states from theta's forward, then the
+    head weight read from the model (under FSDP: the root unit's full weight, gathered once by
+    that forward). Records the weights it was given; reports a LossOutput.stats entry."""
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        super().__init__(seq_len=SEQ)
+        self.chunk_size = chunk_size
+        self.seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def loss(self, model, ref, real, fake, noise, *, alpha, beta, ref_logprob=None):
+        tokens = torch.cat([real[0], fake[0]]).long()
+        labels = cat_labels(real[1], fake[1])
+        if ref_logprob is None:
+            ref_lp = self.ref_sequence_logprob(ref, tokens, labels)
+        else:
+            ref_lp = ref_logprob[:, 0]
+        h = model(tokens, labels, hidden=True)
+        head = model.head  # after the forward: full tensors under FSDP
+        self.seen.append((type(head.weight).__name__, tuple(head.weight.shape)))
+        loss, r = fused_linear_ar_ddo_loss(
+            h,
+            head.weight,
+            tokens,
+            ref_lp,
+            pair_mask(len(real[0]), tokens.device),
+            bias=head.bias,
+            alpha=alpha,
+            beta=beta,
+            chunk_size=self.chunk_size,
+            return_logratio=True,
+        )
+        return LossOutput(loss, r.detach(), stats={"h_rms": h.detach().square().mean().sqrt()})
+
+
+def model_and_data(kind: str, chunk: int | None):
+    """(model, real data, adapter) of a kind; the same on every rank (seeded)."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        data = sample_data(256, generator(0, "data"))
+        return EDMMLP(hidden=16), data, A.EDMDenoiser(sigma_data=1.0, steps=4)
+    g = generator(0, "tokens")
+    data = (torch.randint(VOCAB, (128, SEQ), generator=g), torch.arange(128) % CLASSES)
+    if kind == "blocks":
+        model = HiddenTransformer(VOCAB, SEQ, CLASSES, dim=8, layers=2, heads=2)
+        return model, data, A.CausalAR(seq_len=SEQ)  # logits from forward, model.sample
+    model = HiddenTransformer(VOCAB, SEQ, CLASSES, dim=8, layers=2, heads=2)
+    return model, data, FusedHeadAR(chunk)
+
+
+def count_gathers(calls: dict):
+    """Counts in calls["n"] the FSDP parameter gathers (an FSDP unit going from sharded to
+    gathered: one all-gather on several ranks, a copy on one); returns the undo function."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    orig = FSDPParamGroup.unshard
+
+    def counted(self, *a, **kw):
+        calls["n"] += self._all_gather_result is None and not self.is_unsharded
+        return orig(self, *a, **kw)
+
+    FSDPParamGroup.unshard = counted
+    return lambda: setattr(FSDPParamGroup, "unshard", orig)
 
 
 def main() -> None:
@@ -38,18 +139,25 @@ def main() -> None:
     p.add_argument("--ckpt-sleep", type=float, default=0.0)
     p.add_argument("--rank-eval", action="store_true")
     p.add_argument("--all-ranks", action="store_true")
+    p.add_argument("--distributed", default="ddp")
+    p.add_argument("--model", default="mlp", choices=["mlp", "blocks", "fused"])
+    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--online", action="store_true", help="fresh fakes every step")
+    p.add_argument("--count-gathers", action="store_true")
     args = p.parse_args()
     rank = int(os.environ.get("RANK", "0"))
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = EDMMLP(hidden=16)
-    data = sample_data(256, generator(0, "data"))
+    model, data, adapter = model_and_data(args.model, args.chunk)
     calls = {"n": 0}
+    gathers = {"n": 0}
+    if args.count_gathers:
+        count_gathers(gathers)
 
     def eval_fn(m):
         calls["n"] += 1
         if calls["n"] == args.kill_at_eval:
             os._exit(17)  # a hard kill: no cleanup, no flush beyond what was written
+        # under FSDP the loop gathers the model for eval_fn: plain full parameters here
         score = {"norm": sum(p.square().sum() for p in m.parameters()).item()}
         if args.rank_eval:  # rank 0 prefers the latest eval, rank 1 the earliest
             score["score"] = calls["n"] if rank == 0 else -calls["n"]
@@ -62,7 +170,7 @@ def main() -> None:
         batch_size=args.batch,
         steps_per_round=args.steps,
         rounds=args.rounds,
-        fake_samples_per_round=args.fakes,
+        fake_samples_per_round=0 if args.online else args.fakes,
         ema=0.9,
         seed=3,
         out_dir=args.out,
@@ -72,8 +180,8 @@ def main() -> None:
         device="cpu",
         log_every=args.log_every,
         select_best_by="max:score" if args.rank_eval else "last",
+        distributed=args.distributed,
     )
-    adapter = ddo_fast.adapters.EDMDenoiser(sigma_data=1.0, steps=4)
     if args.step_sleep:
         loss = adapter.loss
 
@@ -94,11 +202,19 @@ def main() -> None:
     print("training", flush=True)
     result = ddo_fast.train(model, data, adapter=adapter, config=cfg, eval_fn=eval_fn)
     out = Path(args.out)
+    weights = fsdp.full_state_dict(result.model)  # gathered on rank 0 when sharded
     if args.all_ranks:
         torch.save(result.model.state_dict(), out / f"final-rank{rank}.pt")
         (out / f"metrics-rank{rank}.json").write_text(json.dumps(result.metrics))
+    if args.count_gathers:
+        seen = getattr(adapter, "seen", [])
+        blob = {"gathers": gathers["n"], "steps": len(result.history), "seen": seen}
+        (out / f"gathers-rank{rank}.json").write_text(json.dumps(blob))
     if rank == 0:
-        torch.save(result.model.state_dict(), out / "final.pt")
+        torch.save(weights, out / "final.pt")
+    if dist.is_initialized():  # a sharded run leaves its process group to the caller
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ COMPLETE`` (what :meth:`TrainState.state_dict` holds: the weights as safetensors
 state.pt). A checkpoint is written to ``.tmp-step-*`` in the same folder (same file system) with
 its marker, fsynced, and renamed into place: the rename is the commit, so a kill at any moment
 leaves either a complete ``step-*`` folder or debris that is ignored (and overwritten).
+
+Sharded (FSDP) runs: ``step-*/{.metadata, __R_0.distcp (one per rank), state.pt, COMPLETE}``,
+written by :func:`save_sharded` with ``torch.distributed.checkpoint`` (every rank writes its own
+shards into the same ``.tmp-step-*`` folder; rank 0 then adds state.pt and the marker and
+renames), so the same rule holds: a folder without the marker is debris. The folder must be on a
+file system every rank sees (as the fake pool's already must). It resumes on any number of
+ranks: DCP reshards on load.
 """
 
 from __future__ import annotations
@@ -49,6 +56,63 @@ def save(
     return folder
 
 
+def save_sharded(
+    root: Path, step: int, tensors: dict[str, Any], meta: dict[str, Any], rank: int, world: int
+) -> Path:
+    """The sharded counterpart of :func:`save` (a collective: every rank calls it with its
+    shards ``tensors``; rank 0's ``meta`` is written)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        torch.distributed.barrier()  # the folder is fresh before anyone writes into it
+    # every rank writes (and fsyncs) its shards; returns on all ranks after rank 0 has written
+    # the .metadata that indexes them
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    if rank == 0:
+        torch.save(meta, tmp / "state.pt")
+        (tmp / MARKER).write_text("ok\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    if world > 1:
+        torch.distributed.barrier()
+    return folder
+
+
+def is_sharded(folder: Path) -> bool:
+    return (folder / ".metadata").exists()
+
+
+def load_sharded(folder: Path, state) -> dict[str, Any]:
+    """Restores the sharded :class:`~ddo_fast.training.state.TrainState` ``state`` (a
+    collective) from ``folder``, resharded to this run's ranks; returns the meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (folder / MARKER).exists():
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
+    if not is_sharded(folder):
+        raise ValueError(
+            f"{folder} was written by a TrainConfig(distributed='ddp') run (safetensors); "
+            "resume it with distributed='ddp'"
+        )
+    meta = upgrade(torch.load(folder / "state.pt", weights_only=True), {})
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    if state.ema is not None and not any(k.startswith("ema/") for k in keys):
+        raise ValueError("the checkpoint has no EMA weights but TrainConfig.ema is set")
+    template = state.sharded_template(keys, meta)
+    dcp.load(template, checkpoint_id=str(folder))
+    state.load_sharded_state_dict(template, meta)
+    return meta
+
+
 def latest(root: Path) -> Path | None:
     """The newest complete checkpoint; incomplete ones are reported and skipped."""
     if not root.exists():
@@ -73,6 +137,12 @@ def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, An
     is converted, and its meta says ``upgraded_from: 1``."""
     if not (folder / MARKER).exists():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
+    if is_sharded(folder):
+        raise ValueError(
+            f"{folder} was written by a TrainConfig(distributed='fsdp') run (sharded, "
+            "torch.distributed.checkpoint); resume it with distributed='fsdp' (any number of "
+            "ranks, 1 included)"
+        )
     weights = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
     meta = torch.load(folder / "state.pt", weights_only=True)
     return weights, upgrade(meta, weights)

@@ -44,6 +44,13 @@ class TrainConfig:
         torchrun cuda:LOCAL_RANK), log_every (steps between metrics flushes: the one host sync
         that moves the pending steps' metrics - every step keeps its row in metrics.csv - to the
         CSV, TensorBoard and the progress bar).
+    Scale-out (under ``torchrun``; see :mod:`ddo_fast.training.fsdp`)
+        distributed: "ddp" (theta replicated on every rank, gradients all-reduced: the model
+            must fit one device) or "fsdp" (FSDP2 ``fully_shard``: theta, the frozen reference,
+            the EMA, Adam's moments and the round's best copy are all sharded over the ranks,
+            one block at a time gathered for compute; checkpoints are written with
+            ``torch.distributed.checkpoint`` and resume on any number of ranks). "fsdp" also
+            runs in a single process (a 1-rank group), e.g. to resume a sharded checkpoint.
     """
 
     alpha: float = 1.0
@@ -67,6 +74,7 @@ class TrainConfig:
     nonfinite: str = "raise"
     device: str | None = None
     log_every: int = 10
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> None:
@@ -106,6 +114,8 @@ class TrainConfig:
             mode, _, key = self.select_best_by.partition(":")
             if mode not in ("min", "max") or not key:
                 bad("select_best_by", "must be 'last', 'min:KEY' or 'max:KEY' (KEY from eval_fn)")
+        if self.distributed not in ("ddp", "fsdp"):
+            bad("distributed", "must be 'ddp' (replicated theta) or 'fsdp' (sharded with FSDP2)")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             bad("device", "must be None, 'cpu' or 'cuda[:N]'")
 

@@ -17,6 +17,11 @@ data order by (seed, epoch); with the step counter as the only state, a resumed 
 Host syncs: none per step in steady state. Metrics stay on the device until a flush (every
 ``log_every`` steps: one ``.tolist()``); the non-finite guard decides on the device
 (:class:`~ddo_fast.training.metrics.NonFiniteGuard`).
+
+Scale-out (``TrainConfig.distributed``): "ddp" replicates theta and all-reduces gradients;
+"fsdp" shards theta, the reference, the EMA, Adam and the best copy with FSDP2 and writes
+checkpoints with torch.distributed.checkpoint (:mod:`~ddo_fast.training.fsdp`). Both give the
+numbers of a 1-rank run with the same global batch (up to float summation order).
 """
 
 from __future__ import annotations
@@ -36,10 +41,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..adapters import Adapter, Batch
-from . import checkpoint
+from . import checkpoint, fsdp
 from .config import TrainConfig
 from .data import RealData, balanced_labels, generator
-from .metrics import CsvLog, NonFiniteGuard, StepLog, step_stats
+from .metrics import CsvLog, NonFiniteGuard, StepLog, sample_stats, step_stats
 from .ref_cache import RefLogprobs, ref_logprobs
 from .state import Best, TrainState, adam, clone_state, trainable, update_ema
 
@@ -70,12 +75,13 @@ class Run:
     rank: int
     world: int
     out: Path
-    net: nn.Module  # theta, DDP-wrapped on several ranks
+    net: nn.Module  # theta, DDP-wrapped on several ranks (FSDP: theta itself, sharded)
     params: list[nn.Parameter]
     eval_fn: EvalFn | None
     guard: NonFiniteGuard
     log: StepLog
     evals: CsvLog
+    sharded: bool = False  # TrainConfig.distributed == "fsdp": model forwards are collectives
 
 
 # ------------------------------------------------------------------------------- placement
@@ -88,8 +94,11 @@ def pick_device(requested: str | None, world: int, local_rank: int) -> torch.dev
     return device
 
 
-def setup_distributed(requested: str | None) -> tuple[int, int, torch.device, bool]:
-    """(rank, world, device, we_initialised) under torchrun; (0, 1, device, False) otherwise.
+def setup_distributed(
+    requested: str | None, distributed: str = "ddp"
+) -> tuple[int, int, torch.device, bool]:
+    """(rank, world, device, we_initialised) under torchrun; (0, 1, device, False) otherwise,
+    except that "fsdp" in a single process starts a 1-rank group (FSDP needs one).
 
     The rank's GPU becomes the current device BEFORE the process group starts: NCCL, DDP and
     every default-device allocation then use it.
@@ -97,8 +106,13 @@ def setup_distributed(requested: str | None) -> tuple[int, int, torch.device, bo
     initialised = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(requested, world, int(os.environ.get("LOCAL_RANK", "0")))
-    if world <= 1:
+    if world <= 1 and (distributed != "fsdp" or initialised):
         return 0, 1, device, False
+    if world <= 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        fsdp.single_process_group(device)
+        return 0, 1, device, True
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if initialised:
@@ -108,12 +122,13 @@ def setup_distributed(requested: str | None) -> tuple[int, int, torch.device, bo
 
 
 def weights_digest(model: nn.Module) -> str:
-    """sha256 of the weights: the reference's identity in the fake-sample cache key."""
+    """sha256 of the weights: the reference's identity in the fake-sample cache key. Sharded
+    weights are gathered one tensor at a time (a collective: every rank calls it)."""
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(
-            v.detach()
+            fsdp.full(v.detach())
             .to("cpu", torch.float64 if v.is_floating_point() else v.dtype)
             .contiguous()
             .numpy()
@@ -151,7 +166,8 @@ def fake_pool(
         t0 = time.time()
         x = run.sample(state.ref, n, labels, g, run.device, run.shape).cpu()
         secs = time.time() - t0
-        print(f"round {state.round}: {n} fakes from the reference in {secs:.1f}s -> {path}")
+        if run.rank == 0:
+            print(f"round {state.round}: {n} fakes from the reference in {secs:.1f}s -> {path}")
         return {"x": x, "labels": labels}
 
     blob = checkpoint.build_once(path, build, run.rank, run.world)
@@ -181,7 +197,8 @@ def draw_batch(
     else:  # online: a fresh global fake batch from the reference, real batch's labels
         all_y = run.data.get(idx)[1]
         g_online = generator(cfg.seed, "online", step)
-        x = run.sample(state.ref, cfg.batch_size, all_y, g_online, run.device, run.shape)
+        with fsdp.gathered(state.ref):  # sharded: the whole reference on every rank, then freed
+            x = run.sample(state.ref, cfg.batch_size, all_y, g_online, run.device, run.shape)
         fake = (x[mine], None if all_y is None else all_y[mine])
 
     def put(t: torch.Tensor) -> torch.Tensor:
@@ -225,7 +242,7 @@ def evaluate(run: Run, state: TrainState) -> dict[str, float] | None:
     a rank-dependent eval_fn cannot make the ranks select different checkpoints."""
     if run.eval_fn is None:
         return None
-    with torch.no_grad():
+    with torch.no_grad(), fsdp.gathered(state.eval_model):  # sharded: whole, then freed
         result = run.eval_fn(state.eval_model)
     score = {"eval": float(result)} if isinstance(result, (int, float)) else dict(result)
     if run.world > 1:
@@ -262,6 +279,12 @@ def flush(run: Run, state: TrainState) -> None:
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
     flush(run, state)  # metrics.csv holds every row up to the checkpoint's step
+    if run.sharded:  # every rank writes its shards
+        tensors, meta = state.sharded_state_dict()
+        meta["config"] = asdict(run.cfg)
+        root = run.out / "checkpoints"
+        checkpoint.save_sharded(root, state.global_step, tensors, meta, run.rank, run.world)
+        return
     if run.rank == 0:
         sd = state.state_dict()
         sd["meta"]["config"] = asdict(run.cfg)
@@ -290,20 +313,25 @@ def train_step(
     res = run.adapter.loss(
         run.net, state.ref, real, fake, noise, alpha=cfg.alpha, beta=cfg.beta, **cached
     )
+    if run.sharded:  # the reference's root unit stays gathered after its forward: free it
+        fsdp.release(state.ref)
     opt.zero_grad(set_to_none=True)
     res.loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
-    apply, finite = run.guard(res.loss, grad_norm)
+    # FSDP: the global norm as a replicated DTensor; its local value is the norm
+    grad_norm = fsdp.local(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    extra = res.stats or {}
+    values = sample_stats(res.loss, res.logratio, extra)
+    apply, finite, values = run.guard(res.loss, grad_norm, values)  # values: mean over ranks
     opt.found_inf = (~apply).float()  # fused Adam: 1 = this update is not applied
     opt.step()
     if state.ema is not None:
         update_ema(state.ema, state.model, cfg.ema, apply)
     state.global_step += 1
     state.step_in_round += 1
-    stats = step_stats(res.loss, res.logratio, grad_norm, run.guard.skipped, finite)
+    stats = step_stats(values, grad_norm, run.guard.skipped, finite)
     where = {"round": state.round, "step": state.global_step, "step_in_round": state.step_in_round}
-    run.log.push(where | {"lr": lr}, stats)
+    run.log.push(where | {"lr": lr}, stats, tuple(extra))
 
 
 def run_round(
@@ -328,7 +356,9 @@ def end_round(run: Run, state: TrainState, seconds: float) -> None:
     """The round's best model becomes theta, the EMA and the next reference (Sec. 3.4)."""
     flush(run, state)
     chosen = state.best or Best({}, clone_state(state.eval_model), state.step_in_round)
-    if run.world > 1:  # rank 0's weights, bit for bit, on every rank
+    # rank 0's weights, bit for bit, on every rank (sharded: each shard exists once, and rank
+    # 0's score made every rank's choice, so there is nothing to make equal)
+    if run.world > 1 and not run.sharded:
         for t in chosen.state.values():
             dist.broadcast(t, src=0)
     for m in state.modules():
@@ -356,8 +386,15 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``model`` with DDO; it is modified in place and returned in the result.
 
+    With ``config.distributed == "fsdp"`` the model is sharded in place with FSDP2
+    (:mod:`~ddo_fast.training.fsdp`): ``result.model`` is then the sharded module, the process
+    group is left up so that it stays usable (``fsdp.full_state_dict(result.model)`` gathers
+    its weights on rank 0), and the caller ends it (``dist.destroy_process_group()``).
+
     Args:
-        model: the pretrained model; the frozen reference is a deep copy of it.
+        model: the pretrained model; the frozen reference is a deep copy of it. Under "fsdp",
+            pass it on the CPU: the reference and the EMA are copied there, then each FSDP unit
+            moves to the device as it is sharded (no device ever holds a whole copy).
         real_data: tensor [N, ...], ``(tensor, labels)``, or a Dataset of ``x`` / ``(x, label)``.
         adapter: how the model computes log-likelihood gaps and samples
             (:mod:`ddo_fast.adapters`).
@@ -369,7 +406,8 @@ def train(
     """
     cfg = config
     # ---------------------------------------------------------------- placement and folders
-    rank, world, device, owns_pg = setup_distributed(cfg.device)
+    sharded = cfg.distributed == "fsdp"
+    rank, world, device, owns_pg = setup_distributed(cfg.device, cfg.distributed)
     if cfg.batch_size % world:
         raise ValueError(
             f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over {world} ranks"
@@ -378,13 +416,18 @@ def train(
     out = Path(cfg.out_dir) if cfg.out_dir else Path.cwd() / f"ddo-train-{stamp}"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    data = RealData(real_data)
+    prepare = getattr(adapter, "prepare_data", None)  # e.g. HFCausalLM packs a dict
+    data = RealData(prepare(real_data) if prepare is not None else real_data)
 
     # ------------------------------------------------ state: theta, ref, EMA, Adam; resume
-    state = TrainState.create(model.to(device), cfg)
+    if sharded:  # copies made where the model is, then each unit sharded onto the device
+        on = fsdp.mesh(device, world)
+        state = TrainState.create(model, cfg, shard=lambda m: fsdp.shard(m, on))
+    else:
+        state = TrainState.create(model.to(device), cfg)
     params = trainable(model)
     net = model
-    if world > 1:
+    if world > 1 and not sharded:
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ckpt_root = out / "checkpoints"
@@ -395,9 +438,12 @@ def train(
             "starting from the pretrained model",
             stacklevel=2,
         )
-    if found is not None:
+    if found is not None and sharded:
+        meta = checkpoint.load_sharded(found, state)
+    elif found is not None:
         weights, meta = checkpoint.load(found)
         state.load_state_dict({"weights": weights, "meta": meta})
+    if found is not None:
         if rank == 0:
             old = " (a format-1 checkpoint, upgraded)" if meta.get("upgraded_from") else ""
             print(f"resumed from {found}{old} (round {state.round}, step {state.global_step})")
@@ -420,14 +466,16 @@ def train(
         guard=NonFiniteGuard(cfg.nonfinite, device, state.skipped, world),
         log=StepLog(out, rank == 0, resume_step=at),
         evals=CsvLog(out / "evals.csv", rank == 0, None if at is None else _evals_kept(state)),
+        sharded=sharded,
     )
 
     # ----------------------------------------------------- self-play rounds (Sec. 3.4)
     while state.round < cfg.rounds:
         t_round = time.time()
         ref_id = weights_digest(state.ref)
-        pool = fake_pool(run, state, fake_data, ref_id)
-        refs = ref_logprobs(run, state, pool, ref_id)  # None: ref runs every step
+        with fsdp.gathered(state.ref):  # sharded: the whole reference on every rank, then freed
+            pool = fake_pool(run, state, fake_data, ref_id)
+            refs = ref_logprobs(run, state, pool, ref_id)  # None: ref runs every step
         if state.step_in_round == 0:
             consider(run, state)  # the round's starting model is a candidate too
         run.log.start_round(
@@ -443,7 +491,7 @@ def train(
     result = TrainResult(
         model=model, metrics=state.round_metrics, out_dir=out, history=run.log.history
     )
-    if owns_pg:
+    if owns_pg and not sharded:  # a sharded result.model needs its group: the caller ends it
         # Tear down in this order, or gloo may abort at interpreter exit (seen 1 run in 7).
         del net, run
         gc.collect()

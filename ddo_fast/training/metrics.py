@@ -1,9 +1,15 @@
 """Per-step metrics without per-step host syncs, and the non-finite guard that feeds them.
 
-Each step leaves one float64 vector on the device (:data:`STATS`); :meth:`StepLog.flush` stacks
-the pending vectors and moves them to the host with ONE ``.tolist()`` - the loop's only host
-sync in steady state. The loop flushes every ``log_every`` steps and before every eval,
-checkpoint and round end, so metrics.csv has every step's row whenever anything is saved.
+Each step leaves one float64 vector on the device (:data:`STATS`, then the adapter's extra
+``LossOutput.stats`` in their order); :meth:`StepLog.flush` stacks the pending vectors and moves
+them to the host with ONE ``.tolist()`` - the loop's only host sync in steady state. The loop
+flushes every ``log_every`` steps and before every eval, checkpoint and round end, so
+metrics.csv has every step's row whenever anything is saved.
+
+On several ranks the per-sample statistics (loss, acc, margin, r_real, r_fake and the extra
+stats) are the mean over ranks of each rank's value, reduced in the same all_reduce that the
+non-finite guard needs anyway: with equal shares of the batch, the global batch's value for a
+mean over rows, and the objective that data-parallel gradients (their mean) descend.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch.distributed as dist
 
 # device-side statistics of a step, in this order; "finite" is the guard's verdict (1/0)
 STATS = ("loss", "acc", "margin", "r_real", "r_fake", "grad_norm", "skipped", "finite")
+# the ones computed from this rank's samples (averaged over ranks), in the order of sample_stats
+SAMPLE_STATS = ("loss", "acc", "margin", "r_real", "r_fake")
 
 
 class NonFiniteGuard:
@@ -42,43 +50,60 @@ class NonFiniteGuard:
         self.skipped = torch.tensor(float(skipped), dtype=torch.float64, device=device)
         self.halted = torch.zeros((), dtype=torch.bool, device=device)
 
-    def __call__(self, loss: torch.Tensor, grad_norm: torch.Tensor):
-        """(apply, finite): 0-d bool tensors on the device."""
+    def __call__(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, values: torch.Tensor | None = None
+    ):
+        """(apply, finite, values): apply and finite are 0-d bool tensors on the device;
+        ``values`` (this rank's :func:`sample_stats`, float64) comes back averaged over ranks.
+
+        All ranks decide together with ONE all_reduce (sum) of [1 - finite_local, values]:
+        finite = no rank saw a non-finite value (grad_norm is already global)."""
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        if self.world > 1:  # all ranks decide together
-            flag = finite.int()
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.bool()
+        if self.world > 1:
+            bad = (~finite).double().reshape(1)
+            vec = bad if values is None else torch.cat([bad, values])
+            dist.all_reduce(vec)
+            finite = vec[0] == 0
+            values = None if values is None else vec[1:] / self.world
         if self.latch:
             apply = finite & ~self.halted
             self.halted = self.halted | ~finite
         else:
             apply = finite
             self.skipped = self.skipped + (~finite).double()
-        return apply, finite
+        return apply, finite, values
 
 
-def step_stats(
-    loss: torch.Tensor,
-    logratio: torch.Tensor,
-    grad_norm: torch.Tensor,
-    skipped: torch.Tensor,
-    finite: torch.Tensor,
+def sample_stats(
+    loss: torch.Tensor, logratio: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """The :data:`STATS` vector of a step from the loss, r = [r_real; r_fake] and the guard."""
+    """This rank's :data:`SAMPLE_STATS` and then the ``extra`` scalars (``LossOutput.stats``),
+    float64 [5 + len(extra)] on the device: loss; acc = mean 1[r_real > r_fake] over pairs;
+    margin = mean (r_real - r_fake); the means of r_real and r_fake (r = [r_real; r_fake])."""
     r = logratio.detach().float()
     r_real, r_fake = r.chunk(2)
-    parts = (
+    parts = [
         loss.detach().float(),
         (r_real > r_fake).float().mean(),
         (r_real - r_fake).mean(),
         r_real.mean(),
         r_fake.mean(),
-        grad_norm.detach(),
-        skipped,
-        finite,
-    )
+    ]
+    for k, v in (extra or {}).items():
+        if not torch.is_tensor(v) or v.numel() != 1:
+            raise ValueError(f"LossOutput.stats[{k!r}] must be a one-element tensor")
+        parts.append(v.detach().reshape(()))
     return torch.stack([t.double() for t in parts])
+
+
+def step_stats(
+    values: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor, finite: torch.Tensor
+) -> torch.Tensor:
+    """The step's logged vector: :data:`STATS` in order (``values`` = :func:`sample_stats`,
+    averaged over ranks), then the extra stats."""
+    n = len(SAMPLE_STATS)
+    guard = torch.stack([grad_norm.detach().double(), skipped.double(), finite.double()])
+    return torch.cat([values[:n], guard, values[n:]])
 
 
 class CsvLog:
@@ -130,6 +155,7 @@ class StepLog:
         self.bar = None
         self._host: list[dict[str, Any]] = []
         self._dev: list[torch.Tensor] = []
+        self.extra: tuple[str, ...] | None = None  # LossOutput.stats keys, fixed by step 1
 
     def start_round(self, total: int, initial: int, desc: str) -> None:
         if self.csv.enabled:
@@ -144,8 +170,20 @@ class StepLog:
             self.bar.close()
             self.bar = None
 
-    def push(self, host: dict[str, Any], stats: torch.Tensor) -> None:
-        """One step: ``host`` = {round, step, step_in_round, lr}, ``stats`` = STATS on device."""
+    def push(self, host: dict[str, Any], stats: torch.Tensor, extra: tuple[str, ...] = ()) -> None:
+        """One step: ``host`` = {round, step, step_in_round, lr}, ``stats`` = STATS and then
+        the values of the ``extra`` keys, on the device. The extra keys are the same every
+        step (they are the CSV's last columns)."""
+        if self.extra is None:
+            clash = set(extra) & (set(STATS) | {"round", "step", "step_in_round", "lr"})
+            if clash:
+                raise ValueError(f"LossOutput.stats keys {sorted(clash)} clash with columns")
+            self.extra = tuple(extra)
+        elif tuple(extra) != self.extra:
+            raise ValueError(
+                f"LossOutput.stats keys changed from {list(self.extra)} to {list(extra)}: "
+                "give the same keys every step"
+            )
         self._host.append(host)
         self._dev.append(stats)
         if self.bar is not None:
@@ -159,11 +197,12 @@ class StepLog:
         values = torch.stack(self._dev).tolist()  # the one host sync
         rows, bad = [], None
         for host, vals in zip(self._host, values, strict=True):
-            stats = dict(zip(STATS, vals, strict=True))
+            stats = dict(zip(STATS + self.extra, vals, strict=True))
             row = {k: host[k] for k in ("round", "step", "step_in_round")}
             row |= {k: stats[k] for k in ("loss", "acc", "margin", "r_real", "r_fake")}
             row |= {"lr": host["lr"], "grad_norm": stats["grad_norm"]}
             row["skipped"] = int(stats["skipped"])
+            row |= {k: stats[k] for k in self.extra}
             if stop_at_nonfinite and not stats["finite"]:
                 bad = row
                 break
@@ -172,8 +211,9 @@ class StepLog:
         self.history += rows
         self.csv.write(rows)
         if self.tb is not None:
+            keys = ("loss", "acc", "margin", "r_real", "r_fake", "lr", "grad_norm", *self.extra)
             for row in rows:
-                for k in ("loss", "acc", "margin", "r_real", "r_fake", "lr", "grad_norm"):
+                for k in keys:
                     self.tb.add_scalar(f"train/{k}", row[k], row["step"])
         if self.bar is not None and rows:
             self.bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", acc=f"{rows[-1]['acc']:.2f}")

@@ -77,7 +77,7 @@ def ref_logprobs(run: Run, state: TrainState, pool: Batch | None, ref_id: str):
         t0 = time.time()
         chunk = max(1, 2 * cfg.batch_size // run.world)  # the rows of one step's forward
         total = len(real_index) + len(pool[0])
-        bar = _bar(total, f"round {state.round}: scoring with the reference")
+        bar = _bar(total, f"round {state.round}: scoring with the reference", run.rank)
         on = run.device
         sources = {  # name: (rows, the chunk of rows from s on, on the device)
             "real": (len(real_index), lambda s: _rows(run.data.get(real_index[s : s + chunk]), on)),
@@ -95,7 +95,8 @@ def ref_logprobs(run: Run, state: TrainState, pool: Batch | None, ref_id: str):
         if bar is not None:
             bar.close()
         secs = time.time() - t0
-        print(f"round {state.round}: reference log-probs of {total} samples in {secs:.1f}s")
+        if run.rank == 0:
+            print(f"round {state.round}: reference log-probs of {total} samples in {secs:.1f}s")
         return blob
 
     blob = checkpoint.build_once(path, build, run.rank, run.world)
@@ -107,7 +108,9 @@ def _rows(batch: Batch, device: torch.device, rows: slice = slice(None)) -> Batc
     return x[rows].to(device), None if labels is None else labels[rows].to(device)
 
 
-def _bar(total: int, desc: str):
+def _bar(total: int, desc: str, rank: int = 0):
+    if rank != 0:
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency

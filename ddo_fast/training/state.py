@@ -4,17 +4,24 @@ Checkpoint format 2 (``state_dict()``): ``weights`` = {model, ref[, ema][, best]
 ``meta`` = {format, global_step, round, step_in_round, skipped, optimizer, round_metrics, best}
 where ``best`` is ``{"score", "step"}`` or None. Format 1 (before TrainState) kept ``best_score``
 and ``best_step`` at the top level and had no ``format`` key; :func:`upgrade` converts it.
+
+Sharded (FSDP) runs save the same content as one flat dict of (DTensor) tensors for
+``torch.distributed.checkpoint`` (:meth:`TrainState.sharded_state_dict`): ``model/NAME``,
+``ref/NAME``, ``ema/NAME``, ``best/NAME`` and Adam's state as ``optim/PARAM_NAME/KEY``, with the
+optimizer's param groups (hyper-parameters) in ``meta``; meta's ``sharded`` is True.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import fsdp
 from .config import TrainConfig
 
 FORMAT = 2
@@ -46,10 +53,12 @@ def update_ema(
     """ema <- ema + (1 - decay) * apply * (model - ema) for parameters; buffers are copied.
 
     ``apply`` (a 0-d bool tensor, default true) keeps a skipped step's EMA unchanged without a
-    host sync: lerp by an exact 0 returns ema bit for bit.
+    host sync: lerp by an exact 0 returns ema bit for bit. Sharded (FSDP) modules update their
+    matching local shards: elementwise, so exact, with no communication.
     """
     weights: dict[torch.dtype, torch.Tensor | float] = {}
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e, p = fsdp.local(e), fsdp.local(p)
         if apply is None:
             e.lerp_(p, 1.0 - decay)
             continue
@@ -76,15 +85,26 @@ class TrainState:
     round_metrics: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def create(cls, model: nn.Module, cfg: TrainConfig) -> TrainState:
+    def create(
+        cls,
+        model: nn.Module,
+        cfg: TrainConfig,
+        shard: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> TrainState:
         """The state at the start of a run: ref (and EMA) are frozen copies of ``model``.
 
         DDO needs theta and ref to compute the same function at theta = ref: dropout off (eval
-        mode) for both; gradients still flow in eval mode.
+        mode) for both; gradients still flow in eval mode. ``shard`` (FSDP): applied in place to
+        theta, ref and EMA after copying (a sharded module cannot be copied) and before Adam is
+        made (it must hold the sharded parameters).
         """
         model.eval()
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
+        if shard is not None:
+            for m in (model, ref, ema):
+                if m is not None:
+                    shard(m)
         return cls(model, ref, ema, adam(trainable(model), cfg))
 
     @property
@@ -102,25 +122,93 @@ class TrainState:
         self.best = None
         self.optimizer = optimizer
 
-    def state_dict(self) -> dict[str, dict[str, Any]]:
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{model, ref[, ema][, best]} state dicts (DTensor shards in a sharded run)."""
         weights = {"model": self.model.state_dict(), "ref": self.ref.state_dict()}
         if self.ema is not None:
             weights["ema"] = self.ema.state_dict()
         if self.best is not None:
             weights["best"] = self.best.state
-        meta = {
+        return weights
+
+    def meta(self) -> dict[str, Any]:
+        """Counters, metrics and the best's score; the caller adds the optimizer."""
+        return {
             "format": FORMAT,
             "global_step": self.global_step,
             "round": self.round,
             "step_in_round": self.step_in_round,
             "skipped": self.skipped,
-            "optimizer": self.optimizer.state_dict(),
             "round_metrics": self.round_metrics,
             "best": None
             if self.best is None
             else {"score": self.best.score, "step": self.best.step},
         }
-        return {"weights": weights, "meta": meta}
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        meta = self.meta() | {"optimizer": self.optimizer.state_dict()}
+        return {"weights": self.weights(), "meta": meta}
+
+    # ------------------------------------------------------------- sharded (FSDP) checkpoints
+    def _param_names(self) -> list[str]:
+        """Names of the optimizer's parameters, in its state-dict index order."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        names = fsdp.named(self.model, params)
+        return [names[id(p)] for p in params]
+
+    def sharded_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, meta) for ``torch.distributed.checkpoint``: every rank's shards under flat
+        keys ``model/NAME`` ... ``best/NAME``, ``optim/PARAM_NAME/KEY`` (Adam's step, moments),
+        and meta with the optimizer's param groups and ``sharded: True``."""
+        tensors = {f"{m}/{k}": v for m, sd in self.weights().items() for k, v in sd.items()}
+        opt = self.optimizer.state_dict()
+        names = self._param_names()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                if not torch.is_tensor(v):
+                    raise TypeError(f"optimizer state {names[i]}/{k} is not a tensor")
+                tensors[f"optim/{names[i]}/{k}"] = v
+        meta = self.meta() | {"optimizer": {"param_groups": opt["param_groups"]}, "sharded": True}
+        return tensors, meta
+
+    def sharded_template(self, keys: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        """Tensors to load a sharded checkpoint into, sharded like this run's (any number of
+        ranks): the modules' own state dicts, a fresh copy of the EMA's (theta's) for the best,
+        and for each saved Adam entry ``keys[optim/NAME/KEY]`` (DCP metadata: ``.size``,
+        ``.properties.dtype``) zeros shaped like the parameter, or a plain tensor (the step)."""
+        template = {}
+        for name, sd in self.weights().items():
+            if name != "best":
+                template |= {f"{name}/{k}": v for k, v in sd.items()}
+        if meta["best"] is not None:
+            template |= {f"best/{k}": v for k, v in clone_state(self.eval_model).items()}
+        params = dict(self.model.named_parameters())
+        for key, md in keys.items():
+            if not key.startswith("optim/"):
+                continue
+            name, k = key[len("optim/") :].rsplit("/", 1)
+            p = params[name].detach()
+            if k != "step" and tuple(md.size) == tuple(p.shape):
+                template[key] = torch.zeros_like(p)
+            else:
+                device = fsdp.local(p).device
+                template[key] = torch.zeros(md.size, dtype=md.properties.dtype, device=device)
+        return template
+
+    def load_sharded_state_dict(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Restore from a :meth:`sharded_template` filled by ``torch.distributed.checkpoint``."""
+        for name, m in zip(("model", "ref", "ema"), self.modules(), strict=False):
+            m.load_state_dict({k: tensors[f"{name}/{k}"] for k in m.state_dict()})
+        index = {n: i for i, n in enumerate(self._param_names())}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            if key.startswith("optim/"):
+                name, k = key[len("optim/") :].rsplit("/", 1)
+                state.setdefault(index[name], {})[k] = v
+        self._load_meta(meta, {"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        if meta["best"] is not None:
+            best = {k[len("best/") :]: v for k, v in tensors.items() if k.startswith("best/")}
+            self.best = Best(meta["best"]["score"], best, meta["best"]["step"])
 
     def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
         weights, meta = state["weights"], upgrade(state["meta"], state["weights"])
@@ -130,7 +218,14 @@ class TrainState:
             if "ema" not in weights:
                 raise ValueError("the checkpoint has no EMA weights but TrainConfig.ema is set")
             self.ema.load_state_dict(weights["ema"])
-        opt = meta["optimizer"]
+        self._load_meta(meta, meta["optimizer"])
+        if meta["best"] is not None:
+            device = next(self.model.parameters()).device
+            best_state = {k: v.to(device) for k, v in weights["best"].items()}
+            self.best = Best(meta["best"]["score"], best_state, meta["best"]["step"])
+
+    def _load_meta(self, meta: dict[str, Any], opt: dict[str, Any]) -> None:
+        """Counters, metrics and the optimizer ``opt`` (a state dict); the best is cleared."""
         # saved groups decide where Adam's step counters go: always ours (fused, on the device)
         groups = [g | {"fused": True, "foreach": None} for g in opt["param_groups"]]
         self.optimizer.load_state_dict(opt | {"param_groups": groups})
@@ -138,10 +233,6 @@ class TrainState:
         self.step_in_round, self.skipped = meta["step_in_round"], meta["skipped"]
         self.round_metrics = list(meta["round_metrics"])
         self.best = None
-        if meta["best"] is not None:
-            device = next(self.model.parameters()).device
-            best_state = {k: v.to(device) for k, v in weights["best"].items()}
-            self.best = Best(meta["best"]["score"], best_state, meta["best"]["step"])
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
