@@ -5,7 +5,8 @@ denoisers, and the adapters' MLE losses.
 Oracles are float64 and written from the definitions (Ho et al. 2020; Salimans & Ho 2022,
 Appendix D; Karras et al. 2022, Eq. 2 and 8), not taken from the adapters. The central check:
 one eps-prediction model expressed as eps, v and x0 gives the same r (the ELBO-consistent
-weighting) and the same gradients.
+weighting) and the same gradients, up to float32 rounding (which the x0 form amplifies by
+sqrt(SNR) ~ 155 at t = 0). The DDIM sampler is checked against diffusers' DDIMScheduler.
 """
 
 import copy
@@ -173,6 +174,73 @@ def test_sampler_converts_each_type(kind):
     torch.testing.assert_close(run(kind), run("epsilon"), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", TYPES)
+def test_clipped_ddim_is_diffusers_ddim_with_clipped_model_output(kind):
+    """The sampler with clip_sample against diffusers' DDIMScheduler.step(eta=0,
+    use_clipped_model_output=True) on the same noise and model: 4 steps on the timesteps
+    999, 666, 333, 0, which diffusers steps through as t -> t - 1000 // 3 (and abar = 1
+    after t = 0). Clipping is active (x0_hat at t = 999 is ~1e2): the test checks that
+    diffusers without clipping, and diffusers keeping the unclipped eps_hat (its default),
+    both give other samples, so removing the clip or the eps_hat recompute fails it."""
+    sched = DDIMScheduler(prediction_type=kind, clip_sample=True)
+    adapter = EpsilonDiffusion.from_scheduler(sched, steps=4)
+    assert adapter.clip_sample
+    model = Expressed(EpsNet(), kind, sched.alphas_cumprod.double(), "tensor")
+    got = adapter.sample(model, 6, None, torch.Generator().manual_seed(0), "cpu", (3,))
+
+    def diffusers_ddim(scheduler, use_clipped_model_output):
+        scheduler.set_timesteps(3)
+        x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for t in (999, 666, 333, 0):
+                pred = model(x, torch.full((6,), t))
+                x = scheduler.step(
+                    pred, t, x, eta=0.0, use_clipped_model_output=use_clipped_model_output
+                ).prev_sample
+        return x
+
+    torch.testing.assert_close(got, diffusers_ddim(sched, True), rtol=1e-4, atol=1e-4)
+    assert (got - diffusers_ddim(sched, False)).abs().max() > 1e-2
+    unclipped = DDIMScheduler(prediction_type=kind, clip_sample=False)
+    assert (got - diffusers_ddim(unclipped, True)).abs().max() > 1e-2
+
+
+class KeywordNet(nn.Module):
+    """An eps-net that needs a keyword: model(x_t, t, *, scale) = scale * EpsNet(x_t, t)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = EpsNet()
+
+    def forward(self, x, t, *, scale):
+        return scale * self.inner(x, t)
+
+
+def test_model_kwargs_reach_every_call():
+    """``model_kwargs`` go to theta and ref in the loss, to mle_loss and to the sampler: r
+    equals the float64 oracle with scale = 3 (a dropped keyword fails the call, a wrong
+    value the comparison)."""
+    theta, ref = KwRecorder(_perturbed(KeywordNet())), KwRecorder(KeywordNet())
+    adapter = EpsilonDiffusion(model_kwargs={"scale": 3.0}, steps=2)
+    real, fake, noise = _pairs(seed=6)
+    out = adapter.loss(theta, ref, real, fake, noise, alpha=ALPHA, beta=BETA)
+    assert theta.calls[0][1] == {"scale": 3.0} == ref.calls[0][1]
+    x = torch.cat([real[0], fake[0]]).double()
+    t, eps = noise["t"].repeat(2), noise["eps"].repeat(2, 1).double()
+    abar = _abar64()[t]
+    x_t = abar.sqrt()[:, None] * x + (1 - abar).sqrt()[:, None] * eps
+    with torch.no_grad():
+        e = 3.0 * copy.deepcopy(theta.inner.inner).double()(x_t, t)
+        e_ref = 3.0 * copy.deepcopy(ref.inner.inner).double()(x_t, t)
+    r = -((e - eps) ** 2 - (e_ref - eps) ** 2).sum(1)
+    torch.testing.assert_close(out.logratio.double(), r, rtol=1e-4, atol=1e-5)
+    assert r.abs().min() > 1e-3
+    loss = adapter.mle_loss(theta, real, noise)
+    assert torch.isfinite(loss) and theta.calls[-1][1] == {"scale": 3.0}
+    adapter.sample(theta, 3, None, torch.Generator().manual_seed(0), "cpu", (3,))
+    assert len(theta.calls) == 4 and all(c[1] == {"scale": 3.0} for c in theta.calls)
+
+
 # ------------------------------------------------------------------------------ mle_loss
 @pytest.mark.parametrize("kind", TYPES)
 def test_epsilon_mle_loss_against_float64(kind):
@@ -218,11 +286,17 @@ def test_from_scheduler_reads_schedule_prediction_type_and_clipping():
     a = EpsilonDiffusion.from_scheduler(sched, steps=7)
     assert torch.equal(a.alphas_cumprod, sched.alphas_cumprod.double())
     assert a.alphas_cumprod.dtype == torch.float64 and len(a.alphas_cumprod) == 200
-    assert (a.prediction_type, a.steps, a.clip_sample) == ("v_prediction", 7, 1.0)
+    assert (a.prediction_type, a.steps, a.clip_sample, a.clip_sample_range) == (
+        "v_prediction", 7, True, 1.0
+    )  # fmt: skip
+    assert a.sampler_config()["clip_sample"] == 1.0  # the key earlier fake caches were written with
 
     ddim = DDIMScheduler(prediction_type="sample", clip_sample=False)
     b = EpsilonDiffusion.from_scheduler(ddim)
-    assert (b.prediction_type, b.clip_sample) == ("sample", None)
+    assert (b.prediction_type, b.clip_sample) == ("sample", False)
+    assert "clip_sample" not in b.sampler_config()
+    c = EpsilonDiffusion.from_scheduler(DDIMScheduler(clip_sample_range=2.5))
+    assert (c.clip_sample, c.clip_sample_range) == (True, 2.5)
     assert torch.equal(b.alphas_cumprod, ddim.alphas_cumprod.double())
     # The default schedule is DDPM's linear one: same numbers as the scheduler's fp32 cumprod.
     torch.testing.assert_close(
@@ -239,11 +313,73 @@ def test_from_scheduler_reads_schedule_prediction_type_and_clipping():
         EpsilonDiffusion.from_scheduler(object())
 
 
+def test_zero_terminal_snr_schedule_is_clamped_like_diffusers_euler():
+    """rescale_betas_zero_snr=True gives abar_{T-1} = 0: clamped to 2**-24 (diffusers'
+    EulerDiscreteScheduler's value), the rest as is; loss and DDIM sampling stay finite."""
+    ddim = DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert ddim.alphas_cumprod[-1] == 0
+    a = EpsilonDiffusion.from_scheduler(ddim, steps=3)
+    euler = EulerDiscreteScheduler(rescale_betas_zero_snr=True)
+    assert a.alphas_cumprod[-1] == 2.0**-24 == euler.alphas_cumprod[-1]
+    assert torch.equal(a.alphas_cumprod[:-1], ddim.alphas_cumprod[:-1].double())
+    for kind in TYPES:
+        adapter = EpsilonDiffusion(alphas_cumprod=ddim.alphas_cumprod, prediction_type=kind)
+        theta, ref = _perturbed(EpsNet()), EpsNet()
+        real, fake, noise = _pairs()  # t = T - 1 included
+        out = adapter.loss(theta, ref, real, fake, noise, alpha=ALPHA, beta=BETA)
+        assert torch.isfinite(out.loss) and torch.isfinite(out.logratio).all()
+        x = adapter.sample(EpsNet(), 4, None, torch.Generator().manual_seed(0), "cpu", (3,))
+        assert torch.isfinite(x).all()
+
+
+def test_thresholding_scheduler_is_refused():
+    with pytest.raises(ValueError, match="thresholding is not supported"):
+        EpsilonDiffusion.from_scheduler(DDIMScheduler(thresholding=True))
+    with pytest.raises(ValueError, match="thresholding is not supported"):
+        EpsilonDiffusion.from_scheduler(DDPMScheduler(thresholding=True))
+
+
+def test_timesteps_outside_the_schedule_raise():
+    """corrupt (hence loss and mle_loss) checks t on the CPU; t = -1 would silently index
+    abar_{T-1} and t = T fail with a bare IndexError."""
+    adapter, model = EpsilonDiffusion(), EpsNet()
+    real, fake, noise = _pairs()
+    for bad in (torch.tensor([0, 1, 2, T]), torch.tensor([0, -1, 2, 3])):
+        with pytest.raises(ValueError, match=r"t: timesteps must lie in \[0, 1000\)"):
+            adapter.loss(model, model, real, fake, {**noise, "t": bad}, alpha=1.0, beta=1.0)
+        with pytest.raises(ValueError, match="t: timesteps"):
+            adapter.mle_loss(model, real, {**noise, "t": bad})
+    with pytest.raises(TypeError, match="t must be integer"):
+        adapter.corrupt(real[0], torch.full((B,), 3.0), noise["eps"])
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="prediction_type"):
         EpsilonDiffusion(prediction_type="v")
     with pytest.raises(ValueError, match="alphas_cumprod"):
         EpsilonDiffusion(alphas_cumprod=torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="alphas_cumprod must be strictly decreasing"):
+        EpsilonDiffusion(alphas_cumprod=torch.tensor([0.9, 0.5, 0.5, 0.1]))
+    with pytest.raises(ValueError, match="alphas_cumprod must be strictly decreasing"):
+        EpsilonDiffusion(alphas_cumprod=torch.tensor([0.1, 0.5, 0.9]))
+    with pytest.raises(ValueError, match="label_key"):
+        EpsilonDiffusion(label_key=3)
+    with pytest.raises(ValueError, match="label_key"):
+        EpsilonDiffusion(label_key="class labels")
+    for bad in (1.0, 1, "yes", None):
+        with pytest.raises(TypeError, match="clip_sample must be a bool"):
+            EpsilonDiffusion(clip_sample=bad)
+    for bad in (0.0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="clip_sample_range"):
+            EpsilonDiffusion(clip_sample=True, clip_sample_range=bad)
+    for cls in (EpsilonDiffusion, EDMDenoiser):
+        for name in ("steps", "sample_batch"):
+            for bad in (0, -2, 2.0, True):
+                with pytest.raises(ValueError, match=name):
+                    cls(**{name: bad})
+    for bad in ("3", 2.5, 0, True):
+        with pytest.raises(ValueError, match="label_dim"):
+            EDMDenoiser(call="edm2", label_dim=bad)
     with pytest.raises(ValueError, match="label_key and condition"):
         EpsilonDiffusion(label_key="class_labels", condition=lambda y: {})
     with pytest.raises(ValueError, match="call"):

@@ -4,6 +4,7 @@ ddo_fast, k-diffusion or EDM2 call them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -66,8 +67,15 @@ class EDMDenoiser(Adapter):
             raise ValueError(f"call must be one of {CALLS}, got {self.call!r}")
         if not isinstance(self.label_key, str) or not self.label_key.isidentifier():
             raise ValueError(f"label_key must be a keyword name, got {self.label_key!r}")
-        if self.label_dim is not None and not self.label_dim > 0:
-            raise ValueError(f"label_dim must be None or > 0, got {self.label_dim!r}")
+        d = self.label_dim
+        if d is not None and (isinstance(d, bool) or not isinstance(d, Integral) or d < 1):
+            raise ValueError(f"label_dim must be None or an int >= 1, got {d!r}")
+        self.label_dim = None if d is None else int(d)
+        for name in ("steps", "sample_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            setattr(self, name, int(v))  # a numpy integer becomes a plain one (cache keys)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return edm_weight(sigma, self.sigma_data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -16,9 +17,39 @@ from .base import Adapter, Batch, LossOutput, batched, bcast, paired_diffusion_l
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+# abar_{T-1} of a zero-terminal-SNR schedule, as diffusers' EulerDiscreteScheduler sets it.
+ZERO_SNR_ABAR = 2.0**-24
+
+
 def _ddpm_linear() -> torch.Tensor:
     """abar_t of DDPM's linear beta schedule (1e-4 to 0.02, T = 1000), float64: the default."""
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+
+
+def _checked_schedule(alphas_cumprod: Any) -> torch.Tensor:
+    """``alphas_cumprod`` as float64 [T] on the CPU, checked: 1-D, non-empty, strictly
+    decreasing, in (0, 1) but for a final 0 (zero terminal SNR), which then becomes
+    :data:`ZERO_SNR_ABAR` (as in diffusers, that value may exceed abar_{T-2}: ~4e-9 for the
+    rescaled 1000-step linear schedule)."""
+    abar = torch.as_tensor(alphas_cumprod).detach().double().cpu().clone()
+    if abar.dim() != 1 or len(abar) == 0:
+        raise ValueError(
+            f"alphas_cumprod must be a non-empty 1-D tensor, got shape {list(abar.shape)}"
+        )
+    if not bool((abar[1:] < abar[:-1]).all()):
+        i = int((abar[1:] >= abar[:-1]).nonzero()[0])
+        raise ValueError(
+            f"alphas_cumprod must be strictly decreasing in t, got abar[{i}] = "
+            f"{abar[i].item():.6g} <= abar[{i + 1}] = {abar[i + 1].item():.6g}"
+        )
+    if abar[-1] == 0 and len(abar) > 1:
+        abar[-1] = ZERO_SNR_ABAR
+    if not bool(((abar > 0) & (abar < 1)).all()):
+        raise ValueError(
+            "alphas_cumprod must have values in (0, 1) (a final 0 is allowed: zero terminal "
+            f"SNR), got min {abar.min().item():.3g}, max {abar.max().item():.3g}"
+        )
+    return abar
 
 
 @dataclass
@@ -47,7 +78,17 @@ class EpsilonDiffusion(Adapter):
     * eps: w_eps = 1.
 
     So r is the same estimate of the same ELBO gap whichever parameterisation the model
-    predicts in (tested: the three give the same r for one model expressed three ways).
+    predicts in, in exact arithmetic. In float32 the three agree only up to rounding, which
+    the x0 form amplifies where SNR(t) is large: a rounding error d of x0_hat is an eps
+    error sqrt(SNR) d (~155 d at t = 0 of the default schedule, SNR ~ 2.4e4). Measured on
+    one model expressed three ways: r agrees with the float64 eps-space value to ~4e-7
+    relative for eps and v, to ~2e-5 relative for x0 at t = 0 (the test allows 1e-4).
+
+    **Schedule.** ``alphas_cumprod`` strictly decreasing in (0, 1); a zero-terminal-SNR
+    schedule (Lin et al. 2024; diffusers ``rescale_betas_zero_snr=True``: abar_{T-1} = 0) gets
+    abar_{T-1} clamped to 2**-24, as diffusers' ``EulerDiscreteScheduler`` does, so that
+    x0_hat = (x_t - s eps_hat) / a stays finite (the last step's weights: v 2**-24,
+    x0 ~ 6e-8).
 
     **Conditioning.** ``label_key`` None: ``model(x_t, t, labels)`` (labels positional, only
     when there are some; diffusers ``UNet2DModel`` takes ``class_labels`` there); a name:
@@ -58,9 +99,14 @@ class EpsilonDiffusion(Adapter):
     ``model_kwargs``: constant keyword arguments of every call. Outputs may be a tensor, a
     diffusers output (``.sample``) or a tuple.
 
-    Sampling: DDIM (eta = 0) over ``steps`` evenly spaced timesteps from T - 1 to 0, the
-    prediction converted to (x0_hat, eps_hat); ``clip_sample`` c clips x0_hat to [-c, c] and
-    recomputes eps_hat from it (diffusers' ``clip_sample``).
+    Sampling: DDIM (eta = 0; Song et al. 2021, Eq. 12) over ``steps`` evenly spaced
+    timesteps from T - 1 to 0, the prediction converted to (x0_hat, eps_hat) and
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps_hat (abar_prev = 1 after t = 0).
+    ``clip_sample`` (bool, diffusers' name) clips x0_hat to [-``clip_sample_range``,
+    ``clip_sample_range``] and recomputes eps_hat = (x_t - a x0_hat) / s from the clipped
+    x0_hat (GLIDE-style): diffusers' ``DDIMScheduler.step`` does that only with
+    ``use_clipped_model_output=True`` (its default keeps the unclipped eps_hat); tested
+    against it. Dynamic thresholding is not supported.
     """
 
     alphas_cumprod: torch.Tensor | None = None
@@ -71,7 +117,8 @@ class EpsilonDiffusion(Adapter):
     label_key: str | None = None
     condition: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    clip_sample: float | None = None
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -80,27 +127,39 @@ class EpsilonDiffusion(Adapter):
             )
         if self.alphas_cumprod is None:
             self.alphas_cumprod = _ddpm_linear()
-        abar = torch.as_tensor(self.alphas_cumprod).detach().double().cpu()
-        if abar.dim() != 1 or len(abar) == 0 or not bool(((abar > 0) & (abar < 1)).all()):
-            raise ValueError(
-                "alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1), got "
-                f"shape {list(abar.shape)}"
-            )
-        self.alphas_cumprod = abar
+        self.alphas_cumprod = _checked_schedule(self.alphas_cumprod)
+        for name in ("steps", "sample_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            setattr(self, name, int(v))  # a numpy integer becomes a plain one (cache keys)
         if self.label_key is not None and self.condition is not None:
             raise ValueError("label_key and condition: give one of them, not both")
-        if self.label_key is not None and not self.label_key.isidentifier():
-            raise ValueError(f"label_key must be a keyword name, got {self.label_key!r}")
-        if self.clip_sample is not None and not self.clip_sample > 0:
-            raise ValueError(f"clip_sample must be None or > 0, got {self.clip_sample!r}")
+        if self.label_key is not None and (
+            not isinstance(self.label_key, str) or not self.label_key.isidentifier()
+        ):
+            raise ValueError(f"label_key must be None or a keyword name, got {self.label_key!r}")
+        if not isinstance(self.clip_sample, bool):
+            raise TypeError(
+                f"clip_sample must be a bool (the range is clip_sample_range), got "
+                f"{self.clip_sample!r}"
+            )
+        r = self.clip_sample_range
+        if isinstance(r, bool) or not isinstance(r, Real) or not r > 0:
+            raise ValueError(f"clip_sample_range must be a number > 0, got {r!r}")
+        self.clip_sample_range = float(r)
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, **kwargs: Any) -> EpsilonDiffusion:
         """The adapter of a diffusers discrete-time scheduler (``DDPMScheduler``,
         ``DDIMScheduler``, ``EulerDiscreteScheduler``, ...): its ``alphas_cumprod`` as it is
-        (the schedule the model was trained with), ``config.prediction_type`` and
+        (the schedule the model was trained with; a zero-terminal-SNR one gets
+        abar_{T-1} = 2**-24, see the class docstring), ``config.prediction_type`` and
         ``config.clip_sample`` / ``clip_sample_range``; ``kwargs`` set the other fields.
-        A ``prediction_type`` in ``kwargs`` must agree with the scheduler's."""
+        A ``prediction_type`` in ``kwargs`` must agree with the scheduler's. A scheduler with
+        ``thresholding=True`` (dynamic thresholding, Saharia et al. 2022) is refused: this
+        sampler does not implement it, and sampling fakes differently from the scheduler
+        would go unnoticed."""
         abar = getattr(scheduler, "alphas_cumprod", None)
         if not isinstance(abar, torch.Tensor):
             raise TypeError(
@@ -119,12 +178,27 @@ class EpsilonDiffusion(Adapter):
                 f"prediction_type={kwargs['prediction_type']!r} disagrees with the scheduler's "
                 f"config.prediction_type={pt!r}"
             )
-        if config.get("clip_sample", False):
-            kwargs.setdefault("clip_sample", float(config.get("clip_sample_range", 1.0)))
+        if config.get("thresholding", False):
+            raise ValueError(
+                f"scheduler: thresholding is not supported ({type(scheduler).__name__} has "
+                "config.thresholding=True; EpsilonDiffusion's DDIM sampler only clips)"
+            )
+        kwargs.setdefault("clip_sample", bool(config.get("clip_sample", False)))
+        kwargs.setdefault("clip_sample_range", float(config.get("clip_sample_range", 1.0)))
         return cls(alphas_cumprod=abar, **kwargs)
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor):
-        """(a_t, s_t, abar_t) [N] in float64 on ``like``'s device."""
+        """(a_t, s_t, abar_t) [N] in float64 on ``like``'s device; t [N] integer in [0, T)."""
+        T = len(self.alphas_cumprod)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must be integer timesteps in [0, {T}), got dtype {t.dtype}")
+        in_range = ((t >= 0) & (t < T)).all()
+        msg = f"t: timesteps must lie in [0, {T}) (the schedule's length)"
+        if t.device.type == "cpu":
+            if not bool(in_range):
+                raise ValueError(f"{msg}, got min {int(t.min())}, max {int(t.max())}")
+        else:  # no host sync on an accelerator: a device-side assert
+            torch._assert_async(in_range, msg)
         abar = self.alphas_cumprod.to(like.device)[t]
         return abar.sqrt(), (1 - abar).sqrt(), abar
 
@@ -185,8 +259,8 @@ class EpsilonDiffusion(Adapter):
         else:
             x0 = pred
             eps = (x - a * x0) / s
-        if self.clip_sample is not None:
-            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
+        if self.clip_sample:  # GLIDE-style: eps_hat follows the clipped x0_hat
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
             eps = (x - a * x0) / s
         return x0, eps
 
@@ -214,8 +288,8 @@ class EpsilonDiffusion(Adapter):
             cfg["alphas_cumprod_sha256"] = digest
         if self.prediction_type != "epsilon":
             cfg["prediction_type"] = self.prediction_type
-        if self.clip_sample is not None:
-            cfg["clip_sample"] = self.clip_sample
+        if self.clip_sample:  # the range under the key earlier versions wrote
+            cfg["clip_sample"] = float(self.clip_sample_range)
         if self.label_key is not None:
             cfg["label_key"] = self.label_key
         if self.condition is not None:  # by name: a function has no stable value to hash
