@@ -4,21 +4,24 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 # Rebuild the extension only when a source or the build files change.
 STAMP  := $(VENV)/.ddo_fast-built
-SOURCES := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu) setup.py pyproject.toml
+SOURCES := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/isa/*.cpp csrc/cpu/isa/*.h \
+	csrc/cuda/*.cu) setup.py pyproject.toml ddo_fast/_build.py
 
-.PHONY: setup demo test bench bench-quick lint gpu-check clean
+.PHONY: setup demo test bench bench-quick lint gpu-check clean wheel
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 
 # torch==2.13.0 only when no torch is importable (that release is the CPU build on local disk;
-# a bare `torch` would pull a multi-GB CUDA build). The build needs no isolation: torch is
-# deliberately not a build requirement.
+# a bare `torch` would pull a multi-GB CUDA build). The development install builds the C++ CPU
+# kernels ahead of time (DDO_FAST_BUILD_OPS=1, against the installed torch, hence no build
+# isolation), so tests never wait for the first-use (JIT) build; tests/test_install.py covers
+# that path from a wheel.
 $(STAMP): $(VPY) $(SOURCES)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q "setuptools>=64" wheel
-	$(VPY) -m pip install -q --no-build-isolation -e ".[test,bench,examples]"
+	DDO_FAST_BUILD_OPS=1 $(VPY) -m pip install -q --no-build-isolation -e ".[test,bench,examples]"
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -43,8 +46,12 @@ lint: setup
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out gpu-check-out
 
+# The pure-Python wheel users get from `pip install .` (C++ CPU kernels compiled on first use).
+wheel: $(VPY)
+	$(VPY) -m pip wheel --no-deps -w dist .
+
 clean:
-	rm -rf build *.egg-info ddo_fast/_C*.so bench-out demo-out gpu-check-out
+	rm -rf build dist *.egg-info ddo_fast/_C*.so bench-out demo-out gpu-check-out
 # ---- make test-compat: the extension under another torch and the GPU image's toolchain (not CI) --
 # Builds the C++ extension the way the GPU machine's image does (its CXX=/opt/gcc/bin/g++ has only
 # a static libstdc++; LDFLAGS=-static-libstdc++ makes any g++ do the same) against torch

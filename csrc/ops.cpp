@@ -1,58 +1,65 @@
-// Every ddo_fast operator schema, declared once. Implementations register per dispatch key:
-// CPU in csrc/cpu/*.cpp (C++), CUDA from Python (Triton, kernels/*.py), Meta/autograd from
-// ddo_fast/ops/*.py. `reduction` is a Reduction code (csrc/cpu/reduction.h, mirrored by
-// ddo_fast._reduction.Reduction). `group_scale` [2] fp32 is the scale each group's per-sample
-// losses get in the reduction: (1/n_real, 1/n_fake) for mean, (1, 1) otherwise. Every tensor is
-// read in its own dtype; gradients come back in the dtype of the tensor they belong to.
+// The Python module of the C++ CPU kernels. Importing it (ddo_fast/_library.py does, on the first
+// CPU operator call; the AOT build's is `ddo_fast._C`) loads this library, whose static
+// registrations add the CPU kernels of the `ddo_fast` operators (csrc/cpu/*.cpp) and the
+// `ddo_fast_testing` operators. The operator schemas are defined from Python
+// (ddo_fast/_library.py), so that `import ddo_fast` needs no compiled code. The module's
+// functions report and (for tests) switch the instruction set of the kernels (csrc/cpu/isa/).
 #include <Python.h>
-#include <torch/library.h>
+#include <c10/util/Exception.h>
 
-// An importable `ddo_fast._C` whose only job is to load this library and run the registrations.
+#include "cpu/isa/kernels.h"
+
+// The module name: `_C` for the ahead-of-time build, a versioned name for the JIT build (its
+// import function must be PyInit_<name>).
+#ifndef DDO_FAST_MODULE_NAME
+#define DDO_FAST_MODULE_NAME _C
+#endif
+#define DDO_FAST_STR2(x) #x
+#define DDO_FAST_STR(x) DDO_FAST_STR2(x)
+#define DDO_FAST_CAT2(a, b) a##b
+#define DDO_FAST_CAT(a, b) DDO_FAST_CAT2(a, b)
+
+namespace {
+
+// cpu_isa() -> str: the ISA whose kernels run (selects it on first use; a bad
+// $DDO_FAST_CPU_ISA raises ValueError, an unsupported one RuntimeError).
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(ddo_fast::cpu_kernels().isa);
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  }
+  return nullptr;
+}
+
+// supported_cpu_isas() -> str: the ISAs this build has and this CPU supports, comma-separated.
+PyObject* supported_cpu_isas(PyObject*, PyObject*) {
+  return PyUnicode_FromString(ddo_fast::supported_isas());
+}
+
+// _set_cpu_isa(name) -> bool: test hook; switches the kernels of every later call.
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  return PyBool_FromLong(ddo_fast::set_cpu_isa(name));
+}
+
+PyMethodDef kMethods[] = {
+    {"cpu_isa", &cpu_isa, METH_NOARGS, "The instruction set of the running CPU kernels."},
+    {"supported_cpu_isas", &supported_cpu_isas, METH_NOARGS,
+     "Comma-separated ISAs this build has and this CPU supports, best last."},
+    {"_set_cpu_isa", &set_cpu_isa, METH_O, "Test hook: switch the CPU kernels' ISA."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC DDO_FAST_CAT(PyInit_, DDO_FAST_MODULE_NAME)(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, DDO_FAST_STR(DDO_FAST_MODULE_NAME), nullptr, -1, kMethods};
   return PyModule_Create(&module_def);
 }
-}
-
-TORCH_LIBRARY(ddo_fast, m) {
-  // Loss head on per-sample log-ratios r [B]: returns (out, group_scale) where out is the reduced
-  // fp32 loss (scalar) or the per-sample loss [B]. The backward returns d logratio (its dtype).
-  m.def(
-      "ddo_loss_fwd(Tensor logratio, Tensor is_real, Tensor? sample_weight, float alpha, "
-      "float beta, int reduction) -> (Tensor, Tensor)");
-  m.def(
-      "ddo_loss_bwd(Tensor grad_out, Tensor logratio, Tensor is_real, Tensor? sample_weight, "
-      "Tensor group_scale, float alpha, float beta, int reduction) -> Tensor");
-
-  // Diffusion: r_b = -weight_b * sum_d[(pred-target)^2 - (pred_ref-target)^2]. With is_real
-  // absent only r is computed (out is empty). Returns (out, logratio [B] fp32, group_scale [2]).
-  m.def(
-      "diffusion_ddo_fwd(Tensor pred, Tensor pred_ref, Tensor target, Tensor weight, "
-      "Tensor? is_real, Tensor? sample_weight, float alpha, float beta, int reduction) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "diffusion_ddo_bwd(Tensor? grad_out, Tensor? grad_logratio, Tensor pred, Tensor target, "
-      "Tensor weight, Tensor logratio, Tensor? is_real, Tensor? sample_weight, "
-      "Tensor group_scale, float alpha, float beta, int reduction) -> Tensor");
-
-  // Token log-probs: returns (logp [B, L] fp32, stats [2, B, L] fp32) with stats[0] = m, the row
-  // max, stats[1] = log sum_v exp(x_v - m), and logp = (x_t - m) - stats[1]; the backward
-  // recomputes softmax = exp((x - m) - stats[1]).
-  m.def(
-      "token_logprobs_fwd(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)");
-  m.def(
-      "token_logprobs_bwd(Tensor grad, Tensor logits, Tensor targets, Tensor stats, "
-      "int ignore_index) -> Tensor");
-
-  // Autoregressive: r_b = sum_l logp[b, l] - ref_logprob_b. With is_real absent only r is
-  // computed. Returns (out, logratio [B] fp32, group_scale [2], stats [2, B, L] fp32).
-  m.def(
-      "ar_ddo_fwd(Tensor logits, Tensor targets, Tensor? ref_logprob, Tensor? is_real, "
-      "Tensor? sample_weight, float alpha, float beta, int ignore_index, int reduction) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "ar_ddo_bwd(Tensor? grad_out, Tensor? grad_logratio, Tensor logits, Tensor targets, "
-      "Tensor stats, Tensor logratio, Tensor? is_real, Tensor? sample_weight, "
-      "Tensor group_scale, float alpha, float beta, int ignore_index, int reduction) -> Tensor");
 }

@@ -8,10 +8,11 @@ implicit discriminator ``r = log p_theta - log p_ref``:
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from . import (
-    _C,  # noqa: F401  (loads the C++ library: operator schemas and CPU kernels)
+    _library,  # noqa: F401  (operator schemas; the C++ CPU kernels load on first use)
     adapters,
     ops,
 )
+from ._library import cpu_isa
 from .loss import ARDDOLoss, DDOLoss, DiffusionDDOLoss, FusedLinearARDDOLoss
 from .ops import *  # noqa: F403  (the public functions: exactly ddo_fast.ops.__all__)
 from .training import TrainConfig, TrainResult, train
@@ -26,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "adapters",
+    "cpu_isa",
     "train",
     "__version__",
 ]

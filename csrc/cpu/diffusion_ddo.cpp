@@ -7,17 +7,16 @@
 // target keeps every digit of both); the math is fp32, or double when any input is double.
 // Work is split into (sample, chunk) items so both "few large samples" and "many small samples"
 // keep every thread busy; chunk sums are vector lanes, combined across chunks in double.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
-#include "loss_head.h"
+#include "isa/dtype_index.h"
+#include "isa/kernels.h"
 #include "large_alloc.h"
-#include "vec_math.h"
+#include "loss_head.h"
 
 namespace ddo_fast {
 namespace {
@@ -47,55 +46,6 @@ void check_inputs(const at::Tensor& pred, const at::Tensor& pred_ref, const at::
   check_batch_vector(weight, pred.size(0), "weight");
 }
 
-// The arithmetic type for a set of input element types: float, or double if any input is double.
-template <typename... Ts>
-using math_t = std::conditional_t<(std::is_same_v<Ts, double> || ...), double, float>;
-
-// Calls f(A{}, B{}) with the element types of two tensors (float, double, half, bf16).
-template <typename F>
-void dispatch2(at::ScalarType a, at::ScalarType b, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a, "diffusion_ddo", [&] {
-    using A = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b, "diffusion_ddo",
-                                    [&] { f(A{}, scalar_t{}); });
-  });
-}
-
-// Calls f(A{}, B{}, C{}) with the element types of three tensors.
-template <typename F>
-void dispatch3(at::ScalarType a, at::ScalarType b, at::ScalarType c, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a, "diffusion_ddo", [&] {
-    using A = scalar_t;
-    dispatch2(b, c, [&](auto b_tag, auto c_tag) { f(A{}, b_tag, c_tag); });
-  });
-}
-
-template <typename P, typename Q, typename T>
-double chunk_sum(const P* p, const Q* q, const T* t, int64_t n) {
-  using M = math_t<P, Q, T>;
-  M acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) {
-    const M tv = static_cast<M>(t[i]);
-    const M dp = static_cast<M>(p[i]) - tv;
-    const M dq = static_cast<M>(q[i]) - tv;
-    // (dp - dq)(dp + dq), not dp^2 - dq^2: exactly 0 where pred == pred_ref (theta = ref gives
-    // r = 0 to the bit, whatever FMA contraction the compiler picks), and no cancellation.
-    acc += (dp - dq) * (dp + dq);
-  }
-  return static_cast<double>(acc);
-}
-
-template <typename P, typename T>
-void chunk_grad(const P* p, const T* t, P* g, double coef, int64_t n) {
-  using M = math_t<P, T>;
-  const M k = static_cast<M>(coef);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    g[i] = static_cast<P>(k * (static_cast<M>(p[i]) - static_cast<M>(t[i])));
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_ddo_fwd_cpu(
     const at::Tensor& pred, const at::Tensor& pred_ref, const at::Tensor& target,
     const at::Tensor& weight, const std::optional<at::Tensor>& is_real,
@@ -110,20 +60,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_ddo_fwd_cpu(
   const int64_t chunks = std::max<int64_t>(1, (dim + kChunk - 1) / kChunk);
 
   std::vector<double> partial(batch * chunks, 0.0);
-  dispatch3(p.scalar_type(), q.scalar_type(), t.scalar_type(),
-            [&](auto p_tag, auto q_tag, auto t_tag) {
-    const auto* pp = p.const_data_ptr<decltype(p_tag)>();
-    const auto* qp = q.const_data_ptr<decltype(q_tag)>();
-    const auto* tp = t.const_data_ptr<decltype(t_tag)>();
-    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / chunks, start = (i % chunks) * kChunk;
-        const int64_t n = std::min(kChunk, dim - start);
-        if (n <= 0) continue;
-        partial[i] = chunk_sum(pp + b * p.stride(0) + start, qp + b * q.stride(0) + start,
-                               tp + b * t.stride(0) + start, n);
-      }
-    });
+  const SquaredErrorGapFn gap =
+      cpu_kernels().squared_error_gap[dtype_index(p.scalar_type(), "pred")]
+                                     [dtype_index(q.scalar_type(), "pred_ref")]
+                                     [dtype_index(t.scalar_type(), "target")];
+  const auto* pp = static_cast<const char*>(p.const_data_ptr());
+  const auto* qp = static_cast<const char*>(q.const_data_ptr());
+  const auto* tp = static_cast<const char*>(t.const_data_ptr());
+  // Byte strides: the kernel reads each tensor in its own dtype.
+  const int64_t ps = p.stride(0) * p.element_size(), qs = q.stride(0) * q.element_size(),
+                ts = t.stride(0) * t.element_size();
+  const int64_t pe = p.element_size(), qe = q.element_size(), te = t.element_size();
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / chunks, start = (i % chunks) * kChunk;
+      const int64_t n = std::min(kChunk, dim - start);
+      if (n <= 0) continue;
+      partial[i] = gap(pp + b * ps + start * pe, qp + b * qs + start * qe,
+                       tp + b * ts + start * te, n);
+    }
   });
 
   const at::Tensor w = weight.to(at::kDouble).contiguous();  // exact for every float dtype
@@ -161,21 +116,22 @@ at::Tensor diffusion_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
   const int64_t chunks = std::max<int64_t>(1, (dim + kChunk - 1) / kChunk);
   at::Tensor grad = empty_large({batch, dim}, pred.options());
 
-  dispatch2(p.scalar_type(), t.scalar_type(), [&](auto p_tag, auto t_tag) {
-    using P = decltype(p_tag);
-    const P* pp = p.const_data_ptr<P>();
-    const auto* tp = t.const_data_ptr<decltype(t_tag)>();
-    P* gp = grad.data_ptr<P>();
-    const double* cp = coef.const_data_ptr<double>();
-    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / chunks, start = (i % chunks) * kChunk;
-        const int64_t n = std::min(kChunk, dim - start);
-        if (n <= 0) continue;
-        chunk_grad(pp + b * p.stride(0) + start, tp + b * t.stride(0) + start,
-                   gp + b * dim + start, cp[b], n);
-      }
-    });
+  const ScaledErrorFn err = cpu_kernels().scaled_error[dtype_index(p.scalar_type(), "pred")]
+                                                     [dtype_index(t.scalar_type(), "target")];
+  const auto* pp = static_cast<const char*>(p.const_data_ptr());
+  const auto* tp = static_cast<const char*>(t.const_data_ptr());
+  auto* gp = static_cast<char*>(grad.data_ptr());
+  const int64_t pe = p.element_size(), te = t.element_size();
+  const int64_t ps = p.stride(0) * pe, ts = t.stride(0) * te;
+  const double* cp = coef.const_data_ptr<double>();
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / chunks, start = (i % chunks) * kChunk;
+      const int64_t n = std::min(kChunk, dim - start);
+      if (n <= 0) continue;
+      err(pp + b * ps + start * pe, tp + b * ts + start * te, gp + (b * dim + start) * pe, cp[b],
+          n);
+    }
   });
   return grad.view(pred.sizes());
 }

@@ -3,22 +3,19 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "vec_math.h"
+#include "isa/kernels.h"
 
 namespace ddo_fast {
 namespace {
 
-// fast_exp applied elementwise to fp32 x, in the same vectorised loop shape the kernels use.
+// fast_exp applied elementwise to fp32 x, in the same vectorised loop shape the kernels use, by
+// the selected ISA's kernels (DDO_FAST_CPU_ISA).
 at::Tensor fast_exp_cpu(const at::Tensor& x) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "ddo_fast: `x` must be fp32, got ",
                    x.scalar_type());
   const at::Tensor in = x.contiguous();
   at::Tensor out = at::empty_like(in);
-  const float* ip = in.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t n = in.numel();
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) op[i] = fast_exp(ip[i]);
+  cpu_kernels().fast_exp(in.const_data_ptr<float>(), out.data_ptr<float>(), in.numel());
   return out;
 }
 

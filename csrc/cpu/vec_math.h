@@ -1,6 +1,13 @@
-// Branch-free float math written so that GCC vectorises the loops that call it (-O3, AVX2/FMA
-// when the build machine has them): the CPU kernels are bound by exp() and memory bandwidth.
+// Branch-free float math written so that GCC vectorises the loops that call it (-O3, under each
+// ISA's target pragma): the CPU kernels are bound by exp() and memory bandwidth. Included only by
+// csrc/cpu/isa/kernels_impl.h, once per ISA, into that ISA's namespace ddo_fast::DDO_FAST_ISA:
+// the same inline function compiled for two ISAs must not share a symbol (the linker would keep
+// one copy, possibly the AVX-512 one, for every caller).
 #pragma once
+
+#ifndef DDO_FAST_ISA
+#error "vec_math.h is compiled per ISA: include it through csrc/cpu/isa/kernels_impl.h"
+#endif
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -9,6 +16,7 @@
 #include <limits>
 
 namespace ddo_fast {
+namespace DDO_FAST_ISA {
 
 // exp(x) as 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for accuracy),
 // p a degree-6 minimax polynomial (Cephes expf). Correct on the whole float range:
@@ -20,14 +28,19 @@ namespace ddo_fast {
 //   * x > 88.7228 (the overflow threshold) gives +inf; NaN gives NaN.
 inline float fast_exp(float x) {
   // Written with plain selects (no std::fmin/fmax, no memcpy) so that GCC if-converts and
-  // vectorises loops that store the result; needs -fno-trapping-math for the floor.
+  // vectorises loops that store the result (needs -fno-trapping-math for the selects).
   // Clamping to [-104, 89] bounds n to [-150, 128]; past either end the result is already 0 or
   // inf. The comparisons send NaN to `lo` (no NaN reaches the int conversion) and the final
   // select returns it.
   const float lo = -104.0f, hi = 89.0f;
   float xc = x > lo ? x : lo;
   xc = xc < hi ? xc : hi;
-  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln 2) by adding and removing 1.5 * 2^23 (exact for |v| < 2^22; here
+  // |v| <= 151): plain float arithmetic, so it vectorises on every ISA, where floor() has no
+  // vector form before SSE4.1 (the baseline build called libm's floorf per element, 9x slower).
+  // Halfway cases round to even instead of up: r stays within [-ln 2 / 2, ln 2 / 2] either way.
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -61,4 +74,5 @@ inline void from_float(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+}  // namespace DDO_FAST_ISA
 }  // namespace ddo_fast
