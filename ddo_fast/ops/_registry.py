@@ -1,9 +1,10 @@
 """One registration path for every operator pair ``ddo_fast::<stem>_fwd`` / ``<stem>_bwd``.
 
-torch.library dispatches by device: the C++ kernels register themselves for CPU when
-``ddo_fast._C`` loads (schemas in ``csrc/ops.cpp``), and :func:`register_op` adds the rest in one
-call: fake (meta) impls of both ops, autograd of the forward, the Triton launchers for CUDA, and
-any Python kernels of ops defined in Python. The public functions then run
+torch.library dispatches by device: the schemas are declared once (``ddo_fast/_library.py``),
+the C++ kernels register themselves for CPU when the C++ library loads, and
+:func:`register_op` adds the rest in one call: fake (meta) impls of both ops, autograd of the
+forward, the Triton launchers for CUDA, and any Python kernels of ops defined in Python. The
+public functions then run
 ``SPEC.run(route, *args)`` with the route from :func:`ddo_fast._backend.resolve_backend`.
 
 The one route torch.library cannot express is Triton on CPU tensors (``backend="triton"`` under
@@ -60,8 +61,8 @@ def register_op(
 ) -> OpSpec:
     """Register everything Python provides for ``ddo_fast::<stem>_fwd`` and ``<stem>_bwd``.
 
-    Both ops must already be defined (in ``csrc/ops.cpp``, or from Python with
-    ``torch.library.Library("ddo_fast", "FRAGMENT")``).
+    Both ops must already be defined (in ``ddo_fast/_library.py``, or by the op's own module
+    with ``torch.library.Library("ddo_fast", "FRAGMENT")``).
 
     Args:
         fake_fwd, fake_bwd: meta impls (shapes, dtypes, strides of the real outputs).
