@@ -5,9 +5,10 @@ An adapter knows how a model family computes its log-likelihood surrogate and ho
 
 * :class:`EDMDenoiser` (:mod:`.edm`) - EDM/EDM2 denoisers ``D(x_noisy, sigma, labels)``; one
   ln sigma and one noise draw per real/fake pair, shared by theta and ref; EDM weighting
-  ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2``; EDM Heun sampler.
-* :class:`EpsilonDiffusion` (:mod:`.epsilon`) - epsilon-prediction models with a discrete noise
-  schedule (``model(x_t, t[, labels])``, diffusers-style ``.sample`` outputs accepted); DDIM.
+  ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2``; EDM Heun sampler; ddo_fast's,
+  k-diffusion's or EDM2's calling convention (``call=``).
+* :class:`EpsilonDiffusion` (:mod:`.epsilon`) - discrete-schedule models predicting eps, v or x0
+  (``model(x_t, t[, conditioning])``; ``from_scheduler`` reads a diffusers scheduler); DDIM.
 * :class:`CausalAR` (:mod:`.causal_ar`) - autoregressive models ``model(tokens [B, L], labels)
   -> logits [B, L, V]`` whose ``logits[:, i]`` predicts ``tokens[:, i]`` from ``tokens[:, :i]``;
   ancestral sampler (or the model's own ``sample``).
@@ -19,10 +20,12 @@ and returns the loss and the per-sample log-ratios. Every ``sample`` has the one
 ``sample(model, n, labels, generator, device, shape)``.
 """
 
-from .base import Adapter, Batch, LossOutput, paired_diffusion_loss
+from .base import Adapter, Batch, LossOutput, MLEControl, paired_diffusion_loss
 from .causal_ar import CausalAR, null_label_weights
 from .edm import EDMDenoiser, edm_weight
 from .epsilon import EpsilonDiffusion
+from .hf_causal_lm import HFCausalLM
+from .var import VAR
 
 __all__ = [
     "Adapter",
@@ -30,7 +33,10 @@ __all__ = [
     "CausalAR",
     "EDMDenoiser",
     "EpsilonDiffusion",
+    "HFCausalLM",
     "LossOutput",
+    "MLEControl",
+    "VAR",
     "edm_weight",
     "null_label_weights",
     "paired_diffusion_loss",

@@ -8,6 +8,8 @@
 
 from .causal_transformer import CausalTransformer
 from .denoisers import ConvDenoiser, EDMPrecond, FourierFeatures, MLPDenoiser, edm_mlp
+from .quantizer import MultiScaleQuantizer
+from .var import VARTransformer
 
 __all__ = [
     "CausalTransformer",
@@ -15,5 +17,7 @@ __all__ = [
     "EDMPrecond",
     "FourierFeatures",
     "MLPDenoiser",
+    "MultiScaleQuantizer",
+    "VARTransformer",
     "edm_mlp",
 ]
