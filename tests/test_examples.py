@@ -39,8 +39,28 @@ def test_frechet_distance_from_samples_converges():
     assert digits.frechet_distance(a, b) == pytest.approx(2 * 1.0 + 2 * 1.0, rel=0.02)
 
 
-STAGES = ("data_floor", "baseline", "baseline_raw", "ddo", "mle_control", "gain")
-METRICS = ("fd", "fd_excess", "kid", "pixel_fd", "precision", "recall", "class_acc", "memorised")
+STAGES = (
+    "data_floor",
+    "baseline",
+    "baseline_raw",
+    "ddo",
+    "mle_control",
+    "mle_control_final",
+    "gain",
+)
+METRICS = (
+    "fd",
+    "fd_matched",
+    "fd_excess",
+    "kid",
+    "kid_std",
+    "kid_excess",
+    "pixel_fd",
+    "precision",
+    "recall",
+    "class_acc",
+    "memorised",
+)
 
 
 def check_results(out, res, seeds):
@@ -50,13 +70,17 @@ def check_results(out, res, seeds):
     assert [r["seed"] for r in disk["runs"]] == seeds
     for run in disk["runs"]:
         assert set(STAGES) <= set(run) and {"config", "seconds"} <= set(run)
-        assert {"fd", "pixel_fd"} <= set(run["data_floor"])
+        assert {"fd", "pixel_fd", "kid", "kid_std"} <= set(run["data_floor"])
         for stage in ("baseline", "ddo", "mle_control"):
             assert set(METRICS) <= set(run[stage]), stage
             assert all(np.isfinite(run[stage][m]) for m in METRICS), stage
-            excess = run[stage]["fd"] - run["data_floor"]["fd"]
+            excess = run[stage]["fd_matched"] - run["data_floor"]["fd"]
             assert run[stage]["fd_excess"] == pytest.approx(excess)
+            kid_excess = run[stage]["kid"] - run["data_floor"]["kid"]
+            assert run[stage]["kid_excess"] == pytest.approx(kid_excess)
         assert run["config"]["seed"] == run["seed"]
+        assert {"backend", "torch", "adapter", "sampler", "classifier"} <= set(run["config"])
+        assert {"ddo_out_dir", "control_out_dir"} <= set(run["config"])
     for stage in STAGES:
         for m, s in disk["summary"][stage].items():
             assert s["n"] == len(seeds) and np.isfinite(s["mean"]), (stage, m)

@@ -1,14 +1,17 @@
 """The efficacy protocol's parts: the stratified split, the results files, the fair MLE control
-(MLEControl / Adapter.mle_loss) and the digits metrics (KID, precision/recall, memorisation)."""
+(MLEControl / Adapter.mle_loss), the digits metrics (KID, precision/recall, memorisation, the
+data floor, the selection score), gains() and what run_seed hands to ddo_fast.train."""
 
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ddo_fast.adapters import Adapter, CausalAR, EDMDenoiser, MLEControl
-from ddo_fast.examples import digits
+from ddo_fast.examples import digits, digits_diffusion
 from ddo_fast.examples.protocol import stratified_split, write_results
 from ddo_fast.models import CausalTransformer, EDMPrecond, MLPDenoiser
 
@@ -177,11 +180,12 @@ def test_kid_matches_a_brute_force_float64_oracle():
     yy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / m**2
     # one subset of all rows = the full unbiased estimate
-    got = digits.kernel_inception_distance(a, b, subsets=1, size=7)
-    assert got == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    got, std = digits.kernel_inception_distance(a, b, subsets=1, size=7)
+    assert got == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std == 0.0
     same = rng.normal(size=(4000, 3))
-    assert abs(digits.kernel_inception_distance(same[:2000], same[2000:], 10, 500)) < 0.05
-    assert digits.kernel_inception_distance(a, b + 2.0, 1, 7) > 1.0
+    mean, std = digits.kernel_inception_distance(same[:2000], same[2000:], 10, 500)
+    assert abs(mean) < 0.05 and 0.0 < std < 0.1
+    assert digits.kernel_inception_distance(a, b + 2.0, 1, 7)[0] > 1.0
 
 
 def test_precision_recall_on_a_hand_worked_example():
@@ -201,15 +205,133 @@ def test_precision_recall_on_a_hand_worked_example():
 
 @pytest.mark.slow
 def test_memorisation_share_counts_copies_of_train_images():
-    """Samples that are train images are all memorised; the held-out images' own share is the
-    quantile used (5 %)."""
+    """Samples that are train images are all memorised, uniform noise never; the threshold is
+    the 5th percentile of the held-out images' nearest-train distances (numpy brute force)."""
     split = digits.split_for(0)
     clf = digits.DigitClassifier().eval().requires_grad_(False)
     m = digits.DigitsMetrics(split, clf, seed=0)
-    floor = m.floor()
-    assert floor["memorised"] == pytest.approx(0.05, abs=0.01)
+    held, train = split.x_held.double().numpy(), split.x_train.double().numpy()
+    sq = (held**2).sum(1)[:, None] + (train**2).sum(1)[None, :] - 2 * held @ train.T
+    nn_dist = np.sqrt(np.clip(sq, 0, None)).min(1)
+    assert m.memo_threshold == pytest.approx(np.quantile(nn_dist, 0.05), rel=1e-9)
     labels = split.y_train[:400]
     copies = m(split.x_train[:400], labels)
     assert copies["memorised"] == 1.0
     fresh = m(torch.rand(400, 64) * 2 - 1, labels)
     assert fresh["memorised"] == 0.0 and np.isfinite(fresh["kid"])
+
+
+# ------------------------------------------------------------- floor, selection and gains
+def test_floor_and_selection_use_the_right_images():
+    """Floor = the unseen slice (disjoint from the classifier's fit slice) against held-out;
+    selection = FD against the train part (train images score ~0 there, held-out ones do not);
+    a stage's fd_matched uses chunks of the floor's size."""
+    split = digits.split_for(1)
+    fit, unseen = set(split.fit_idx.tolist()), set(split.unseen_idx.tolist())
+    assert not fit & unseen and fit | unseen == set(range(len(split.x_train)))
+    assert len(unseen) == pytest.approx(0.2 * len(split.x_train), abs=10)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clf = digits.DigitClassifier().eval().requires_grad_(False)
+    m = digits.DigitsMetrics(split, clf, seed=1)
+    with torch.no_grad():
+        f_unseen = clf.features(split.x_train[split.unseen_idx]).double().numpy()
+        f_held = clf.features(split.x_held).double().numpy()
+    assert m.floor()["fd"] == pytest.approx(digits.frechet_distance(f_unseen, f_held), rel=1e-9)
+    assert m.select(split.x_train)["fd"] < 1e-6
+    assert m.select(split.x_held)["fd"] > 1e-3
+    k = len(unseen)
+    x = split.x_train[: 2 * k + 5]
+    got = m(x, split.y_train[: 2 * k + 5])
+    with torch.no_grad():
+        f = clf.features(x).double().numpy()
+    want = [digits.frechet_distance(f[i * k : (i + 1) * k], f_held) for i in range(2)]
+    assert got["fd_matched"] == pytest.approx(np.mean(want), rel=1e-9)
+    with pytest.raises(ValueError, match="floor"):
+        m(x[: k - 1], split.y_train[: k - 1])
+
+
+def test_gains_on_hand_numbers():
+    run = {
+        "baseline": {"fd_excess": 2.0, "recall": 0.80, "fd": 4.0},
+        "mle_control": {"fd_excess": 1.6, "recall": 0.82, "fd": 3.6},
+        "ddo": {"fd_excess": 0.8, "recall": 0.77, "fd": 2.8},
+    }
+    g = digits.gains(run)
+    assert g["excess_vs_baseline"] == pytest.approx(-0.6)
+    assert g["excess_vs_control"] == pytest.approx(-0.5)
+    assert g["excess_vs_better"] == pytest.approx(-0.5)
+    assert g["recall_vs_baseline"] == pytest.approx(-0.03)
+    assert g["control_fd_change"] == pytest.approx(-0.1)
+    assert "control_final_fd_change" not in g
+    run["mle_control_final"] = {"fd": 5.0}
+    run["baseline"]["fd_excess"] = 1.0  # now the baseline is the better one
+    g = digits.gains(run)
+    assert g["control_final_fd_change"] == pytest.approx(0.25)
+    assert g["excess_vs_better"] == pytest.approx(-0.2)
+
+
+@pytest.mark.slow
+def test_run_seed_trains_on_the_train_part_with_identical_configs(tmp_path, monkeypatch):
+    """ddo_fast.train (as digits.py calls it) replaced by a recorder in a tiny 1-seed
+    digits-diffusion run: both calls get rows of the train part only, DDO's and the control's
+    TrainConfigs differ only in out_dir, the control's adapter wraps DDO's, eval_fn scores
+    with the train-part selection (never the held-out metrics), and the classifier is fit on
+    its fit slice only."""
+    import ddo_fast.training as training
+    from ddo_fast.training.loop import TrainResult
+
+    calls, spy = [], {"select": 0, "held": 0}
+    real_select, real_call = digits.DigitsMetrics.select, digits.DigitsMetrics.__call__
+    real_clf = digits.train_classifier
+
+    def select(self, samples):
+        spy["select"] += 1
+        return real_select(self, samples)
+
+    def held(self, samples, labels):
+        spy["held"] += 1
+        return real_call(self, samples, labels)
+
+    def classifier(x, y, path, seed, steps=3000):
+        spy["clf_x"] = x.clone()
+        return real_clf(x, y, path, seed, steps)
+
+    def fake_train(model, data, *, adapter, config, eval_fn):
+        before = dict(spy)
+        score = eval_fn(model)
+        assert spy["select"] == before["select"] + 1 and spy["held"] == before["held"]
+        calls.append({"data": data, "config": config, "adapter": adapter, "score": score})
+        return TrainResult(model, [{"best_step_in_round": 0}], Path(config.out_dir))
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(digits.DigitsMetrics, "select", select)
+    monkeypatch.setattr(digits.DigitsMetrics, "__call__", held)
+    monkeypatch.setattr(digits, "train_classifier", classifier)
+    res = digits_diffusion.run(
+        tmp_path,
+        pretrain_steps=5,
+        sample_steps=2,
+        seeds=[2],
+        eval_every=0,
+        eval_samples=300,
+        classifier_steps=20,
+        plot=False,
+    )
+    split = digits.split_for(2)
+    train_rows = {tuple(r) for r in split.x_train.tolist()}
+    assert len(calls) == 2
+    for c in calls:
+        x, y = c["data"]
+        assert len(x) == len(y) <= len(split.x_train)
+        assert {tuple(r) for r in x.tolist()} <= train_rows
+    assert torch.equal(spy["clf_x"], split.x_train[split.fit_idx])
+    ddo, ctrl = (asdict(c["config"]) for c in calls)
+    assert ddo.pop("out_dir") != ctrl.pop("out_dir") and ddo == ctrl
+    assert isinstance(calls[1]["adapter"], MLEControl) and not isinstance(
+        calls[0]["adapter"], MLEControl
+    )
+    assert calls[1]["adapter"].adapter is calls[0]["adapter"]
+    run = res["runs"][0]
+    assert run["config"]["ddo_out_dir"] == calls[0]["config"].out_dir
+    assert set(run["gain"]) >= {"control_fd_change", "control_final_fd_change"}

@@ -105,6 +105,7 @@ def build(
             "pretrain_lr": pretrain_lr,
             "dim": dim,
             "layers": layers,
+            "sampler": "ancestral, temperature 1, class token first, no guidance",
         }
         return SeedSetup(ema, raw, adapter, (tokens, y), generate, info)
 

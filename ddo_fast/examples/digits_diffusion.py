@@ -86,7 +86,11 @@ def build(
                 make_model,
                 lambda m: pretrain(m, adapter, x, y, pretrain_steps, seed),
             )
-        info = {"pretrain_steps": pretrain_steps, "sample_steps": sample_steps}
+        info = {
+            "pretrain_steps": pretrain_steps,
+            "sample_steps": sample_steps,
+            "sampler": f"EDM Heun (Karras et al. 2022 Alg. 1), {sample_steps} steps, no guidance",
+        }
         return SeedSetup(ema, raw, adapter, (x, y), generate, info)
 
     notes = {
