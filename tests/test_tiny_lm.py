@@ -43,6 +43,25 @@ def test_held_out_prompts_are_not_trained_on():
     assert {tuple(r) for r in task.select["input_ids"].tolist()} <= train
 
 
+def test_converged_check_and_gains():
+    run = {
+        "baseline": {"exact_sampled": 80.0},
+        "mle_control": {"exact_sampled": 83.0},
+        "ddo": {"exact_sampled": 90.0},
+    }
+    # 83 / 80 - 1 = +3.75 %: within the 5 % of issue 11
+    check = tiny_lm.converged(run)
+    assert check["passed"] and check["control_change"] == pytest.approx(0.0375)
+    run["mle_control"]["exact_sampled"] = 76.0  # -5 %: not strictly below the tolerance
+    assert not tiny_lm.converged(run)["passed"]
+    run["mle_control"]["exact_sampled"] = 85.0
+    assert tiny_lm.gains(run) == pytest.approx(
+        {"sampled_vs_baseline": 10.0, "sampled_vs_control": 5.0, "sampled_vs_better": 5.0}
+    )
+    run["baseline"]["exact_sampled"] = 0.0
+    assert not tiny_lm.converged(run)["passed"]
+
+
 @pytest.mark.slow
 def test_preset_tiny_budget_writes_results(tmp_path):
     res = run_preset(
@@ -73,5 +92,12 @@ def test_preset_tiny_budget_writes_results(tmp_path):
         assert set(run[stage]) == {"exact_greedy", "exact_sampled", "nll"}
         assert 0 <= run[stage]["exact_greedy"] <= 100 and 0 <= run[stage]["exact_sampled"] <= 100
         assert saved["summary"][stage]["exact_sampled"]["n"] == 1
+    assert set(run["converged"]) == {"control_change", "passed"}
+    assert isinstance(run["converged"]["passed"], bool)
+    b, c = run["baseline"]["exact_sampled"], run["mle_control"]["exact_sampled"]
+    if b > 0:
+        assert run["converged"]["control_change"] == pytest.approx(c / b - 1)
+    d = run["ddo"]["exact_sampled"]
+    assert run["gain"]["sampled_vs_better"] == pytest.approx(d - max(b, c))
     assert run["config"]["train"]["seed"] == 5 and run["config"]["digits"] == 1
     assert "exact_sampled" in (tmp_path / "results.md").read_text()

@@ -234,9 +234,40 @@ def run_seed(
         res = train(copy.deepcopy(model), task.train, adapter=a, config=run_cfg, eval_fn=select)
         result[stage] = metrics(adapter, res.model, task, seed, samples)
         print(f"seed {seed} {stage}: {result[stage]}")
+    if control:
+        result["gain"] = gains(result)
+        result["converged"] = converged(result)
+        verdict = "PASS" if result["converged"]["passed"] else "FAIL: the baseline is not converged"
+        print(
+            f"seed {seed} converged-baseline check: more MLE changes held-out sampled exact match "
+            f"by {100 * result['converged']['control_change']:+.1f}% (< 5 %: {verdict})"
+        )
     result["config"] = {"train": asdict(cfg) | {"seed": seed}} | opts
     result["seconds"] = round(time.time() - t0, 1)
     return result
+
+
+CONVERGED_TOL = 0.05  # issue 11: more MLE for DDO's budget moves the metric by < 5 % relative
+
+
+def converged(run: dict) -> dict[str, float | bool]:
+    """The converged-baseline check of issue 11: the MLE control (likelihood training continued
+    for DDO's budget, same TrainConfig) changes held-out ``exact_sampled`` by
+    ``control_change = c / b - 1``; ``passed`` when ``|control_change| < 0.05``."""
+    b, c = run["baseline"]["exact_sampled"], run["mle_control"]["exact_sampled"]
+    change = c / b - 1 if b > 0 else (0.0 if c == 0 else float("inf"))
+    return {"control_change": change, "passed": abs(change) < CONVERGED_TOL}
+
+
+def gains(run: dict) -> dict[str, float]:
+    """DDO's held-out ``exact_sampled`` minus the baseline's, the control's, and the better of
+    the two (percentage points; issue 14's target is >= 10 over the better)."""
+    b, c, d = (run[k]["exact_sampled"] for k in ("baseline", "mle_control", "ddo"))
+    return {
+        "sampled_vs_baseline": d - b,
+        "sampled_vs_control": d - c,
+        "sampled_vs_better": d - max(b, c),
+    }
 
 
 run = preset_runner("tiny-lm")
