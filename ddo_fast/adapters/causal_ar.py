@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import ar_ddo_loss, sequence_logprob
-from .base import Adapter, LossOutput, batched, cat_labels, pair_mask
+from .base import Adapter, Batch, LossOutput, batched, cat_labels, pair_mask
 
 
 def null_label_weights(uncond: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -82,24 +82,36 @@ class CausalAR(Adapter):
         null = self.ref_sequence_logprob(ref, tokens, torch.full_like(labels, self.null_label))
         return torch.stack([cond, null], 1)
 
-    def loss(self, model, ref, real, fake, noise, *, alpha, beta, ref_logprob=None) -> LossOutput:
+    def pair_inputs(
+        self, real: Batch, fake: Batch, noise: dict, alpha: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(tokens [2B, L] long, labels [2B] with the step's null mask applied, the VAR-recipe
+        sample weights [2B] (:func:`null_label_weights`), uncond [2B]) of a [real; fake] batch;
+        weights and uncond are None without CFG rows. Both rows of a pair share the mask."""
         tokens = torch.cat([real[0], fake[0]]).long()
         labels = cat_labels(real[1], fake[1])
-        batch = real[0].shape[0]
         weight = uncond = None
         if self.cfg_rows(labels):
             uncond = noise["uncond"].to(tokens.device).repeat(2)
             labels = torch.where(uncond, torch.full_like(labels, self.null_label), labels)
-            weight = null_label_weights(uncond[:batch], alpha)
+            weight = null_label_weights(uncond[: real[0].shape[0]], alpha)
+        return tokens, labels, weight, uncond
+
+    def check_cached(self, ref_logprob: torch.Tensor, rows: int, columns: int) -> None:
+        """``ref_logprob`` must be the [rows, columns] block :meth:`ref_logprob` gives."""
+        if ref_logprob.shape != (rows, columns):
+            raise ValueError(
+                f"ref_logprob: expected [{rows}, {columns}] (the [real; fake] rows of "
+                f"{type(self).__name__}.ref_logprob), got {list(ref_logprob.shape)}"
+            )
+
+    def loss(self, model, ref, real, fake, noise, *, alpha, beta, ref_logprob=None) -> LossOutput:
+        tokens, labels, weight, uncond = self.pair_inputs(real, fake, noise, alpha)
+        batch = real[0].shape[0]
         if ref_logprob is None:
             ref_lp = self.ref_sequence_logprob(ref, tokens, labels)
         else:
-            columns = 1 if uncond is None else 2
-            if ref_logprob.shape != (2 * batch, columns):
-                raise ValueError(
-                    f"ref_logprob: expected [{2 * batch}, {columns}] (the [real; fake] rows of "
-                    f"CausalAR.ref_logprob), got {list(ref_logprob.shape)}"
-                )
+            self.check_cached(ref_logprob, 2 * batch, 1 if uncond is None else 2)
             # the null mask is drawn per step: pick each row's column on the device
             ref_lp = ref_logprob[:, 0]
             if uncond is not None:

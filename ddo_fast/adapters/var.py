@@ -20,8 +20,8 @@ from torch import nn
 from ..models.quantizer import check_patch_nums
 from ..models.var import cfg_ramp, guide, sample_tokens
 from ..ops import ar_ddo_loss, ddo_loss, token_logprobs
-from .base import LossOutput, batched, cat_labels, pair_mask
-from .causal_ar import CausalAR, null_label_weights
+from .base import LossOutput, batched, pair_mask
+from .causal_ar import CausalAR
 
 
 def scale_sums(values: torch.Tensor, patch_nums: tuple[int, ...]) -> torch.Tensor:
@@ -109,24 +109,14 @@ class VAR(CausalAR):
 
     # ----------------------------------------------------------------------------- loss
     def loss(self, model, ref, real, fake, noise, *, alpha, beta, ref_logprob=None) -> LossOutput:
-        tokens = torch.cat([real[0], fake[0]]).long()
-        self._check_tokens(tokens)
-        labels = cat_labels(real[1], fake[1])
+        for part in (real[0], fake[0]):  # before the labels meet them: a clear error first
+            self._check_tokens(part)
+        tokens, labels, weight, uncond = self.pair_inputs(real, fake, noise, alpha)
         batch, s = real[0].shape[0], len(self.patch_nums)
-        weight = uncond = None
-        if self.cfg_rows(labels):
-            uncond = noise["uncond"].to(tokens.device).repeat(2)
-            labels = torch.where(uncond, torch.full_like(labels, self.null_label), labels)
-            weight = null_label_weights(uncond[:batch], alpha)
         if ref_logprob is None:
             ref_s = self.ref_scale_logprob(ref, tokens, labels)
         else:
-            columns = s if uncond is None else 2 * s
-            if ref_logprob.shape != (2 * batch, columns):
-                raise ValueError(
-                    f"ref_logprob: expected [{2 * batch}, {columns}] (the [real; fake] rows of "
-                    f"VAR.ref_logprob), got {list(ref_logprob.shape)}"
-                )
+            self.check_cached(ref_logprob, 2 * batch, s if uncond is None else 2 * s)
             ref_s = ref_logprob[:, :s]
             if uncond is not None:  # the null mask is drawn per step: pick on the device
                 ref_s = torch.where(uncond[:, None], ref_logprob[:, s:], ref_s)
