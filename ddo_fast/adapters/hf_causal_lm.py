@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import (
@@ -41,8 +43,22 @@ from ..ops import (
 from .base import Adapter, Batch, LossOutput, pair_mask
 
 IGNORE = -100
-# config fields of models whose logits are not hidden @ W^T (+ b): the fused path would be wrong
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_mult")
+# config fields (on the config or its text_config) of models whose logits are not
+# hidden @ W^T (+ b): the fused path would be wrong. A known-names guard only; the numeric check
+# in HFCausalLM.head_of catches transforms this list misses.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_softcapping",
+    "logits_soft_cap",
+    "logit_scale",
+    "logits_scaling",
+    "logit_scaling",
+    "output_mult",
+    "lm_head_multiplier",
+    "mup_width_scale",
+)
+# model -> None (logits == head(hidden_states[-1])) or why not; checked once per model
+_HEAD_CHECK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _as_long(name: str, value: Any) -> torch.Tensor:
@@ -117,10 +133,20 @@ def pack(data: Any) -> torch.Tensor:
         )
     if (resp & (mask == 0)).any():
         raise ValueError("HFCausalLM: a labelled token has attention_mask 0")
-    if resp[:, 0].any() or not resp.any(1).all():
+    if resp[:, 0].any() or not resp.any(1).all() or (resp[:, 1:] & (mask[:, :-1] == 0)).any():
         raise ValueError(
             "HFCausalLM: every row needs a response token (label != -100) after at least one "
-            "prompt token (nothing predicts position 0)"
+            "prompt token with attention_mask 1 (nothing predicts position 0, and a token after "
+            "padding would be predicted from a pad)"
+        )
+    # one response per row: its labelled positions are contiguous (the fakes continue one prompt)
+    pos = torch.arange(ids.shape[1])
+    first = torch.where(resp, pos, ids.shape[1]).amin(1)
+    last = torch.where(resp, pos, -1).amax(1)
+    if (resp.sum(1) != last - first + 1).any():
+        raise ValueError(
+            "HFCausalLM: labels must be one contiguous response per row (prompt, then response); "
+            "multi-turn rows with several labelled spans are not supported"
         )
     return torch.stack([ids, labels, mask], 1)
 
@@ -171,6 +197,25 @@ def prompts_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.gather(1, order)[:, -width:] * out_mask, out_mask
 
 
+def _head_mismatch(out: Any, head: nn.Linear) -> str | None:
+    """None when the model's last-position logits equal head(hidden_states[-1]) (fp32:
+    rtol 1e-5, atol 1e-6 * max |logit|; bf16/fp16: 1e-2), else why not."""
+    with torch.no_grad():
+        h = out.hidden_states[-1][:, -1]
+        want = F.linear(h, head.weight, head.bias).float()
+        got = out.logits[:, -1].float()
+        if got.shape != want.shape:
+            return f"its logits {list(got.shape)} are not head(hidden_states[-1])"
+        tight = h.dtype in (torch.float32, torch.float64)
+        rtol, atol = (1e-5, 1e-6) if tight else (1e-2, 1e-2)
+        scale = float(want.abs().max().clamp_min(1))
+        # equal_nan: a NaN pad position (some eager attentions) is NaN in both
+        if torch.allclose(got, want, rtol=rtol, atol=atol * scale, equal_nan=True):
+            return None
+        err = float((got - want).abs().max())
+    return f"its logits differ from head(hidden_states[-1]) by {err:.2e} (a logit transform)"
+
+
 @dataclass
 class HFCausalLM(Adapter):
     """DDO for a ``transformers`` causal LM called as ``model(input_ids, attention_mask=...,
@@ -184,8 +229,10 @@ class HFCausalLM(Adapter):
     an ``nn.Linear``, ``forward`` takes ``logits_to_keep`` and the config has no logit
     transform (soft-capping, logit scale); else :func:`~ddo_fast.ar_ddo_loss` on the logits.
 
-    Fakes (:meth:`sample`): ``model.generate`` (KV cache) on each prompt, left-padded, with
-    ``max_new_tokens`` (0: the longest response in the data), ``temperature`` (0: greedy) and
+    Fakes (:meth:`sample`): ``model.generate`` (KV cache) on each prompt, left-padded, with an
+    explicit ``GenerationConfig`` (:meth:`generation_config`: nothing inherited from the
+    checkpoint's generation_config such as a repetition penalty) of ``max_new_tokens`` (0: the
+    longest response in the latest :meth:`prepare_data` data), ``temperature`` (0: greedy) and
     ``top_p``; the continuation is labelled up to and including the first EOS
     (``eos_token_id``, default the model's generation config) and padded with
     ``pad_token_id`` (default: generation config, config, then EOS) after it.
@@ -205,6 +252,7 @@ class HFCausalLM(Adapter):
     backend: str | None = None
     prompts: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     prompt_digest: str = field(default="", repr=False)
+    data_max_new_tokens: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -230,38 +278,76 @@ class HFCausalLM(Adapter):
         self.prompts = prompts_of(x[order])  # row k: the prompt whose index is k
         digest = hashlib.sha256(self.prompts[0].numpy().tobytes())
         self.prompt_digest = digest.update(self.prompts[1].numpy().tobytes()) or digest.hexdigest()
-        if self.max_new_tokens == 0:
-            self.max_new_tokens = int((x[:, 1] != IGNORE).sum(1).max())
+        # per call: reusing the adapter on other data must not keep the old data's length
+        self.data_max_new_tokens = int((x[:, 1] != IGNORE).sum(1).max())
         return x, index
 
     # ----------------------------------------------------------------------- the model
-    def use_fused(self, model: nn.Module) -> bool:
+    @staticmethod
+    def fused_blocker(model: nn.Module) -> str | None:
+        """Why the fused path cannot serve ``model`` from its structure alone (None: it may):
+        no ``nn.Linear`` output embedding, no ``logits_to_keep`` in ``forward``, or a known
+        logit-transform field (soft-capping, logit scale/multiplier) on the config or its
+        ``text_config``."""
         inner = getattr(model, "module", model)  # DDP / FSDP wrappers
-        if self.fused is not None:
-            return self.fused
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         if not isinstance(head, nn.Linear):
-            return False
+            return f"the output embedding is {type(head).__name__}, not nn.Linear"
         if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
-            return False
+            return f"{type(inner).__name__}.forward takes no logits_to_keep"
         cfg = getattr(inner, "config", None)
-        return not any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS)
+        cfgs = [cfg, getattr(cfg, "text_config", None)]
+        if hasattr(cfg, "get_text_config"):
+            cfgs.append(cfg.get_text_config())
+        for c in (c for c in cfgs if c is not None):
+            for k in _LOGIT_TRANSFORMS:
+                if getattr(c, k, None) not in (None, 1, 1.0):
+                    return f"its config sets {k}={getattr(c, k)!r} (logits are transformed)"
+        return None
 
-    def forward(self, model: nn.Module, x: torch.Tensor, fused: bool):
-        """(hidden [B, L, H], head) when ``fused``, else (logits [B, L, V], None)."""
+    def use_fused(self, model: nn.Module) -> bool:
+        """Whether :meth:`forward` will try the fused path: ``fused`` when set, else no
+        structural blocker and no failed numeric check (:meth:`forward`) for this model."""
+        if self.fused is not None:
+            return self.fused
+        inner = getattr(model, "module", model)
+        return self.fused_blocker(model) is None and _HEAD_CHECK.get(inner) is None
+
+    def forward(self, model: nn.Module, x: torch.Tensor):
+        """(hidden [B, L, H], head) on the fused path, else (logits [B, L, V], None).
+
+        The fused path is checked once per model (cached by weak reference) by a no_grad
+        forward of one row with ``logits_to_keep=1``: its last position's logits must equal
+        ``F.linear(hidden_states[-1][:, -1], W, b)``; a model that transforms its logits after
+        the head (soft-capping, scales, multipliers under any config name) fails it. Then auto
+        mode falls back to the logits path and ``fused=True`` raises ValueError."""
         ids, _, mask = unpack(x)
         kw = dict(attention_mask=mask, position_ids=positions(mask), use_cache=False)
-        if not fused:
-            return model(ids, **kw).logits, None
-        out = model(ids, output_hidden_states=True, logits_to_keep=1, **kw)
-        return out.hidden_states[-1], getattr(model, "module", model).get_output_embeddings()
+        inner = getattr(model, "module", model)
+        if self.use_fused(model):
+            why = self.fused_blocker(model)
+            head = inner.get_output_embeddings() if why is None else None
+            if why is None and inner not in _HEAD_CHECK:
+                # a no_grad probe on one row: DDP/FSDP never see two grad forwards in a step
+                one = dict(attention_mask=mask[:1], position_ids=positions(mask[:1]))
+                with torch.no_grad():
+                    probe = model(
+                        ids[:1], output_hidden_states=True, logits_to_keep=1, use_cache=False, **one
+                    )
+                _HEAD_CHECK[inner] = _head_mismatch(probe, head)
+            why = why or _HEAD_CHECK[inner]
+            if why is None:
+                out = model(ids, output_hidden_states=True, logits_to_keep=1, **kw)
+                return out.hidden_states[-1], head
+            if self.fused:
+                raise ValueError(f"HFCausalLM: fused=True but {why}; use fused=None or False")
+        return model(ids, **kw).logits, None
 
     def sequence_logprob(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """sum over response tokens of log p_model [B] fp32 (differentiable)."""
-        fused = self.use_fused(model)
-        z, head = self.forward(model, x, fused)
+        z, head = self.forward(model, x)
         targets = shifted_targets(unpack(x)[1])
-        if fused:
+        if head is not None:
             return fused_linear_sequence_logprob(
                 z, head.weight, targets, bias=head.bias, backend=self.backend
             )
@@ -287,11 +373,10 @@ class HFCausalLM(Adapter):
         else:
             ref_lp = ref_logprob[:, 0]
         targets = shifted_targets(unpack(x)[1])
-        fused = self.use_fused(model)
-        z, head = self.forward(model, x, fused)
+        z, head = self.forward(model, x)
         common = dict(alpha=alpha, beta=beta, return_logratio=True, backend=self.backend)
         is_real = pair_mask(batch, x.device)
-        if fused:
+        if head is not None:
             loss, r = fused_linear_ar_ddo_loss(
                 z, head.weight, targets, ref_lp, is_real, bias=head.bias, **common
             )
@@ -323,6 +408,44 @@ class HFCausalLM(Adapter):
         pad = first(pad, getattr(cfg, "pad_token_id", None), eos_list[0] if eos_list else 0)
         return int(pad[0] if isinstance(pad, (list, tuple)) else pad), eos_list
 
+    @property
+    def budget(self) -> int:
+        """Tokens generated per fake: ``max_new_tokens``, or (0) the longest response in the
+        data of the latest :meth:`prepare_data` call."""
+        return self.max_new_tokens or self.data_max_new_tokens
+
+    def generation_config(self, pad: int, eos: list[int], temperature: float) -> Any:
+        """The explicit ``GenerationConfig`` of the fakes: plain sampling at ``temperature``
+        with ``top_p`` (top_k=0), or greedy; exactly ``budget`` new tokens at most, stopping at
+        EOS. ``generate`` fills fields left None from the checkpoint's generation_config, so
+        every logits processor a checkpoint may turn on (repetition / n-gram penalties,
+        typical_p, min_p, epsilon/eta cut-offs, beams, min length) is set to "off" here: the
+        fakes must be samples of p_ref itself, as r assumes."""
+        from transformers import GenerationConfig
+
+        sample = temperature > 0
+        return GenerationConfig(
+            do_sample=sample,
+            temperature=temperature if sample else 1.0,
+            top_p=self.top_p if sample else 1.0,
+            top_k=0,
+            min_p=0.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            num_beams=1,
+            num_return_sequences=1,
+            max_new_tokens=self.budget,
+            min_new_tokens=0,
+            min_length=0,
+            pad_token_id=pad,
+            eos_token_id=eos or None,
+            use_cache=True,
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -337,29 +460,20 @@ class HFCausalLM(Adapter):
         [n, P] (labels -100) and the model's continuations, labelled up to and including the
         first EOS; the sampling noise is seeded from ``generator`` (CPU)."""
         temperature = self.temperature if temperature is None else temperature
-        budget = self.max_new_tokens
+        budget = self.budget
         if budget < 1:
             raise ValueError("HFCausalLM: max_new_tokens is 0; call prepare_data or set it")
         device = next(model.parameters()).device
         pad, eos = self.token_ids(model)
         n, width = prompt.shape
-        kw: dict[str, Any] = dict(
-            max_new_tokens=budget,
-            min_new_tokens=0,
-            pad_token_id=pad,
-            use_cache=True,
-            do_sample=temperature > 0,
-        )
-        if eos:
-            kw["eos_token_id"] = eos
-        if temperature > 0:
-            kw |= dict(temperature=temperature, top_p=self.top_p, top_k=0)
         seed = int(torch.randint(2**62, (1,), generator=generator))
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # generate draws from the global RNG
             torch.manual_seed(seed)
             out = model.generate(
-                input_ids=prompt.to(device), attention_mask=prompt_mask.to(device), **kw
+                input_ids=prompt.to(device),
+                attention_mask=prompt_mask.to(device),
+                generation_config=self.generation_config(pad, eos, temperature),
             ).cpu()
         cont = out[:, width:]
         cont = torch.cat([cont, cont.new_full((n, budget - cont.shape[1]), pad)], 1)
@@ -398,7 +512,7 @@ class HFCausalLM(Adapter):
     def sampler_config(self):
         return {
             "kind": "hf-generate",
-            "max_new_tokens": self.max_new_tokens,
+            "max_new_tokens": self.budget,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "pad_token_id": self.pad_token_id,
