@@ -324,6 +324,12 @@ def split_for(seed: int) -> Split:
     return Split(x[tr], y[tr], x[ho], y[ho], tr, fit, unseen)
 
 
+EMA_BASELINE_NOTES = {  # results.json notes of the presets whose baseline is the pre-training EMA
+    "selection metric": "feature FD of selection-seed samples vs the seed's train part",
+    "baseline": "EMA (0.999) of the pre-training; baseline_raw: its raw weights",
+}
+
+
 def run_protocol(
     out: Path,
     title: str,

@@ -21,7 +21,7 @@ from .. import adapters as A
 from ..models import CausalTransformer
 from ..training import TrainConfig
 from ..training.data import generator
-from .digits import SeedSetup, Split, run_protocol
+from .digits import EMA_BASELINE_NOTES, SeedSetup, Split, run_protocol
 from .presets import preset_runner
 from .pretrain import cached_pretrain_pair, cosine_decay, fit
 
@@ -109,10 +109,6 @@ def build(
         }
         return SeedSetup(ema, raw, adapter, (tokens, y), generate, info)
 
-    notes = {
-        "selection metric": "feature FD of selection-seed samples vs the seed's train part",
-        "baseline": "EMA (0.999) of the pre-training; baseline_raw: its raw weights",
-    }
     return run_protocol(
         out,
         "digits-ar",
@@ -121,7 +117,7 @@ def build(
         setup,
         plot=plot,
         control=control,
-        notes=notes,
+        notes=EMA_BASELINE_NOTES,
         eval_samples=eval_samples,
         classifier_steps=classifier_steps,
     )

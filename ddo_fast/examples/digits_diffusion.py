@@ -20,7 +20,7 @@ from .. import adapters as A
 from ..models import EDMPrecond, MLPDenoiser
 from ..training import TrainConfig
 from ..training.data import generator
-from .digits import SeedSetup, Split, run_protocol
+from .digits import EMA_BASELINE_NOTES, SeedSetup, Split, run_protocol
 from .presets import preset_runner
 from .pretrain import cached_pretrain_pair, exp_decay, fit
 
@@ -93,10 +93,6 @@ def build(
         }
         return SeedSetup(ema, raw, adapter, (x, y), generate, info)
 
-    notes = {
-        "selection metric": "feature FD of selection-seed samples vs the seed's train part",
-        "baseline": "EMA (0.999) of the pre-training; baseline_raw: its raw weights",
-    }
     return run_protocol(
         out,
         "digits-diffusion",
@@ -105,7 +101,7 @@ def build(
         setup,
         plot=plot,
         control=control,
-        notes=notes,
+        notes=EMA_BASELINE_NOTES,
         eval_samples=eval_samples,
         classifier_steps=classifier_steps,
     )
