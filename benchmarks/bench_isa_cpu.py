@@ -6,9 +6,11 @@ Cases (forward+backward, fp32, shapes of ``ddo-fast bench``): token log-probs [8
 (VAR's step) and the diffusion DDO loss [64, 4, 64, 64]. Providers: ``ddo_fast`` under every ISA
 this CPU supports (switched in process with the kernels' test hook, so every ISA runs the same
 inputs, allocator state and thread pool), ``eager`` and ``cross_entropy`` (token) /``eager``
-(diffusion) from ``ddo_fast.bench.cases``, and the floors: for the token case the byte+exp floor
-with the gradient written to touched memory (``floor_touched``, what a recycled buffer costs)
-and to a fresh allocation (``floor_fresh``); for the diffusion case a copy of its minimum bytes.
+(diffusion) from ``ddo_fast.bench.cases``, the memory floor of each case
+(``cases.floor_case``: the op's minimum bytes with the least arithmetic, the token floor
+running the kernels' own fast_exp, by the kernels' own loops under the same ISA and threads),
+with the gradient written to touched memory (``floor_touched``, what the pool's recycled buffer
+gets) and to a fresh allocation (``floor_fresh``), and a copy of the case's minimum bytes.
 
 Method: wall clock per call (``ddo_fast.bench.timing.wall``); inputs rotate over sets holding
 >= 4x the last-level cache; the providers are interleaved: each of ``--rounds`` rounds runs a
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,12 +49,14 @@ def _providers(isas: tuple[str, ...], cache: int) -> dict[str, dict[str, tuple]]
     """{case: {provider: (steps, isa or None)}}."""
     f32 = torch.float32
     n = C.sets_for(2 * 4 * torch.Size(TOKEN).numel(), cache)  # logits + gradient, fp32
-    token = C.token_case(TOKEN, f32, "cpu", providers=("eager", "cross_entropy", "ddo_fast"),
-                         sets=n)
-    floor = C.floor_case(TOKEN, f32, "cpu", sets=n)
+    token = C.token_case(
+        TOKEN, f32, "cpu", providers=("eager", "cross_entropy", "ddo_fast"), sets=n
+    )
+    floor = C.floor_case("token", TOKEN, f32, "cpu", sets=n)
     # pred, pred_ref, target and the gradient, fp32
     n_diff = C.sets_for(4 * 4 * torch.Size(DIFFUSION).numel(), cache)
     diff = C.diffusion_case(DIFFUSION, f32, "cpu", providers=("eager", "ddo_fast"), sets=n_diff)
+    diff_floor = C.floor_case("diffusion", DIFFUSION, f32, "cpu", sets=n_diff)
     copy = C.copy_case(diff.min_bytes, "cpu", sets=len(diff.sets))
     out = {
         "token_logprobs[8x680x4096,float32]": {
@@ -64,6 +69,8 @@ def _providers(isas: tuple[str, ...], cache: int) -> dict[str, dict[str, tuple]]
         "diffusion_ddo[64x4x64x64,float32]": {
             **{f"ddo_fast_{isa}": (_steps(diff, "ddo_fast"), isa) for isa in isas},
             "eager": (_steps(diff, "eager"), None),
+            "floor_touched": (_steps(diff_floor, "floor_touched"), None),
+            "floor_fresh": (_steps(diff_floor, "floor_fresh"), None),
             "copy_min_bytes": (_steps(copy, "copy"), None),
         },
     }
@@ -84,6 +91,7 @@ def run(rounds: int, per_block: int) -> dict:
     isas = _library.supported_cpu_isas()
     cache = T.cache_bytes("cpu")
     load_before = os.getloadavg()
+    uptime_before = _uptime()
     start = time.time()
     table = _providers(isas, cache)
     results: dict[str, dict] = {}
@@ -91,7 +99,7 @@ def run(rounds: int, per_block: int) -> dict:
         samples = {name: [] for name in providers}
         names = list(providers)
         for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 steps, isa = providers[name]
                 module._set_cpu_isa(isa or default)
@@ -100,7 +108,8 @@ def run(rounds: int, per_block: int) -> dict:
         results[case] = {name: T.summary(s) for name, s in samples.items()}
     ratios = {}
     for case, stats in results.items():
-        floor = "floor_touched" if "floor_touched" in stats else "copy_min_bytes"
+        # The allocation the op's gradient gets: the pool's recycled buffer (floor_touched).
+        floor = "floor_touched"
         ratios[case] = {}
         for isa in isas:
             mine = stats[f"ddo_fast_{isa}"]
@@ -122,6 +131,10 @@ def run(rounds: int, per_block: int) -> dict:
         "default_isa": default,
         "cpu_alloc": _alloc_policy(),
         "loadavg_before": load_before,
+        "uptime_before": uptime_before,
+        "uptime_after": _uptime(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "nice": os.nice(0),
         "loadavg_after": os.getloadavg(),
         "seconds": time.time() - start,
     }
@@ -132,6 +145,13 @@ def run(rounds: int, per_block: int) -> dict:
         "results": results,
         "ratios": ratios,
     }
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def _alloc_policy() -> str | None:

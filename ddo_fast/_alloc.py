@@ -12,8 +12,10 @@ Three policies, per process:
             call of that size reuses it without faulting, as the CUDA caching allocator does.
             :func:`release_cpu_buffers` hands the cache back to the OS.
 
+Outputs of 2 MiB and more follow the policy; smaller ones always come from ``torch.empty``.
 The default comes from ``$DDO_FAST_CPU_ALLOC`` (read when the first large buffer is made), else
-``"pool"``; ``benchmarks/bench_cpu_alloc.py`` measured the choice (p95 of a training-like loop).
+``"pool"``; ``python -m ddo_fast.bench.alloc`` measured the choice (p95 of a training-like loop,
+``benchmarks/results_cpu_alloc.json``).
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ def test_run_rows_have_both_percentiles_cold_and_method(monkeypatch, tmp_path):
         assert math.isfinite(r["pct_copy"]) and math.isfinite(r["x_eager_wall"])
     kinds = {r["case"]: {x["kind"] for x in rows if x["case"] == r["case"]} for r in ops}
     assert kinds["ar_ddo[4x5x33,float32]"] == {"op", "copy", "floor"}
-    assert kinds["diffusion_ddo[4x3x8x8,float32]"] == {"op", "copy"}
+    assert kinds["diffusion_ddo[4x3x8x8,float32]"] == {"op", "copy", "floor"}
+    fused = [r for r in ops if r["provider"] == "ddo_fast" and r["dtype"] == "float32"]
+    assert len(fused) == 2 and all(r["over_floor_p95"] >= 0 for r in fused)
+    assert kinds["token_logprobs[2x5x33,bfloat16]"] == {"op", "copy"}  # the floor is fp32 only
     assert {"wall", "cold", "copy", "bandwidth"} <= set(result["meta"]["methods"])
     table = runner.format_table(result)
     assert "wall p95" in table and "cold ms" in table and "floor_fresh" in table

@@ -130,6 +130,31 @@ def test_fast_exp_each_isa(isa):
     assert torch.ops.ddo_fast_testing.fast_exp(torch.tensor([float("nan")])).isnan().all()
 
 
+def test_floor_passes_each_isa(isa):
+    """The benchmarks' memory floors (csrc/cpu/test_hooks.cpp) compute what they claim, against
+    float64: the read passes sum 1..3 arrays or fast_exp of one, the write passes store a - b or
+    fast_exp(a) in place; lengths that are not a multiple of the chunk or the vector width."""
+    floor_pass = torch.ops.ddo_fast_testing.floor_pass
+    g = torch.Generator().manual_seed(0)
+    n = (1 << 14) * 3 + 37
+    xs = [torch.randn(n, generator=g) for _ in range(3)]
+    for k in (1, 2, 3):
+        want = sum(x.double() for x in xs[:k]).sum()
+        got = floor_pass(xs[:k], None, False)
+        assert abs(got.item() - want.item()) <= 1e-4 * sum(x.abs().sum().item() for x in xs[:k])
+    want = torch.exp(xs[0].double()).sum()
+    assert abs(floor_pass(xs[:1], None, True).item() / want.item() - 1) <= 1e-5
+    out = torch.full((n,), float("nan"))
+    floor_pass(xs[:2], out, False)
+    assert torch.equal(out, xs[0] - xs[1])
+    floor_pass(xs[:1], out, True)
+    torch.testing.assert_close(out.double(), torch.exp(xs[0].double()), rtol=3e-7, atol=0)
+    with pytest.raises(ValueError, match="reads"):
+        floor_pass(xs[:2], None, True)
+    with pytest.raises(ValueError, match="out"):
+        floor_pass(xs[:2], torch.empty(n - 1), False)
+
+
 # A bad name raises (and selects nothing, so the variable is read again at the next call); a
 # good one is then used. C getenv sees os.environ's changes (putenv).
 ENV_CHECK = """
@@ -148,8 +173,14 @@ def test_env_var_forces_and_validates():
     """DDO_FAST_CPU_ISA selects the ISA of a process (baseline: never the default on a CPU
     with AVX2); an unknown name raises ValueError naming the variable at the first use."""
     env = {**os.environ, "DDO_FAST_CPU_ISA": "sse9"}
-    proc = subprocess.run([sys.executable, "-c", ENV_CHECK], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENV_CHECK],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DDO_FAST_CPU_ISA must be auto, baseline, avx2 or avx512, got 'sse9'" in proc.stdout
     assert proc.stdout.splitlines()[-1] == "isa: baseline"
@@ -168,8 +199,20 @@ SUBSET = [
 @pytest.mark.parametrize("forced", [i for i in ISAS if i != ISAS[-1]])
 def test_op_tests_under_forced_isa(forced):
     env = {**os.environ, "DDO_FAST_CPU_ISA": forced, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow",
-           "-k", "cpp and not triton", *SUBSET]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not slow",
+        "-k",
+        "cpp and not triton",
+        *SUBSET,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout

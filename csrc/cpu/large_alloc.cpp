@@ -22,7 +22,7 @@ namespace ddo_fast {
 namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;        // 2 MiB, the x86-64 huge page
-constexpr size_t kSmallBytes = 4 * kHuge;        // below this, at::empty
+constexpr size_t kSmallBytes = kHuge;            // below this, at::empty
 constexpr size_t kPerSize = 2;                   // cached buffers per rounded size
 constexpr size_t kMaxCachedBytes = size_t(4) << 30;  // the whole cache, 4 GiB
 

@@ -153,6 +153,7 @@ def study(steps: int) -> dict:
         "steps": steps,
         "rows": rows,
         "best_by_op_p95": best,
+        "loadavg_end": os.getloadavg(),
         "method": "fresh process per policy and case; wall clock per step; p50/p95 over "
         "steps 2..N (nearest rank), cold = step 1",
     }

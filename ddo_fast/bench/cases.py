@@ -259,29 +259,59 @@ def copy_case(nbytes: int, device: str, sets: int = 1) -> Case:
     return case
 
 
-def floor_case(shape, dtype, device: str, sets: int = 1, chunk: int = 1 << 20) -> Case:
-    """The byte+exp floor of a fused token forward+backward on CPU: one pass that reads the
-    logits and computes exp (the forward, into a small cache-resident buffer), one that reads
-    them, computes exp and writes a logits-sized result (the backward). ``floor_touched`` writes
-    into memory already touched, ``floor_fresh`` into a fresh allocation (page faults included),
-    which is what an op returning a new gradient tensor pays."""
-    case = _logits_case("floor", shape, dtype, device, "fwd+bwd", sets, lambda b, n: ())
-    case.checked = False
-    case.sets = [(x.detach().reshape(-1), torch.zeros_like(x).reshape(-1)) for x, _ in case.sets]
-    scratch = torch.empty(chunk, dtype=dtype, device=device)
+def _floor_pass(reads: list[torch.Tensor], out: torch.Tensor | None, exp: bool) -> torch.Tensor:
+    """One pass of a floor, by the kernels' own loops (``csrc/cpu/test_hooks.cpp``)."""
+    from .._library import load_ops
 
-    def forward_pass(flat):
-        for start in range(0, flat.numel(), chunk):
-            part = flat[start : start + chunk]
-            torch.exp(part, out=scratch[: part.numel()])
+    load_ops()
+    return torch.ops.ddo_fast_testing.floor_pass(reads, out, exp)
 
-    def touched(flat, out):
-        forward_pass(flat)
-        return torch.exp(flat, out=out), None
 
-    def fresh(flat, out):
-        forward_pass(flat)
-        return torch.exp(flat), None
+def floor_case(kind: str, shape, dtype, device: str, sets: int = 1) -> Case:
+    """The memory floor of a fused forward+backward on CPU (fp32): the op's minimum bytes moved
+    with the least arithmetic the op needs, by the kernels' own vector loops, ISA and threads
+    (``ddo_fast_testing::floor_pass``), so that it is a lower bound for ``ddo_fast``:
+
+    * token/AR: a pass reading the logits and summing ``fast_exp`` (the forward; the kernel's
+      max pass and log are left out), then a pass reading them and writing ``fast_exp(x)``
+      logits-sized (the backward);
+    * diffusion: a pass reading pred, pred_ref and target and summing them (the forward), then
+      a pass reading pred and target and writing ``pred - target`` (the backward).
+
+    ``floor_touched`` writes the backward's result into one buffer reused call after call, as
+    the ``pool`` allocator (the default) hands the op its recycled gradient buffer: the floor
+    that matches the allocation the op uses, and the one the <= 1.5x target is taken against.
+    ``floor_fresh`` writes into a fresh ``torch.empty`` (page faults included where the
+    allocator maps fresh pages: glibc does above its mmap threshold, at most 32 MiB, and may
+    serve smaller buffers from its heap, touched or trimmed)."""
+    if device != "cpu" or dtype != F32:
+        raise ValueError(f"floor_case: the floor is CPU fp32 only, got {device} {dtype}")
+    token = kind in ("token", "ar")
+    numel = math.prod(shape)
+    passes = 3 if token else 6
+    case = Case(
+        f"floor_{kind}",
+        tuple(shape),
+        dtype,
+        device,
+        min_bytes=numel * 4 * passes,
+        set_bytes=numel * 4 * (2 if token else 4),
+        checked=False,
+    )
+    out = torch.zeros(numel)  # one recycled output buffer, as the pool gives the op
+    for _ in range(sets):
+        reads = [torch.randn(numel) for _ in range(1 if token else 3)]
+        case.sets.append((reads, out))
+
+    def touched(reads, out):
+        total = _floor_pass(reads, None, token)
+        _floor_pass(reads[:1] if token else [reads[0], reads[2]], out, token)
+        return total, None
+
+    def fresh(reads, out):
+        total = _floor_pass(reads, None, token)
+        _floor_pass(reads[:1] if token else [reads[0], reads[2]], torch.empty_like(out), token)
+        return total, None
 
     case.fns = {"floor_touched": touched, "floor_fresh": fresh}
     return case

@@ -14,8 +14,10 @@ For every case (one op, shape and dtype) and provider (eager, cross_entropy, com
 4. the speed-ups against eager and torch.compile in every clock, and the peak extra memory of
    one step (CUDA: ``max_memory_allocated`` delta; CPU: the peak-RSS delta of a child process
    that builds the inputs, resets its peak via /proc/self/clear_refs and runs the step);
-5. on CPU, for token/AR cases, the byte+exp floor twice (``floor_touched``: output written to
-   memory already touched; ``floor_fresh``: to a fresh allocation).
+5. on CPU, for fp32 cases, the memory floor of the op (``cases.floor_case``: its minimum bytes
+   with the least arithmetic, exp included for token/AR, by the kernels' own loops) twice
+   (``floor_touched``: the gradient written to memory already touched; ``floor_fresh``: to a
+   fresh allocation), and every provider's time over each floor at p50 and p95.
 
 The JSON records the method of every number (``meta.methods`` and per row ``bandwidth_clock``).
 """
@@ -101,13 +103,18 @@ def peak_child(kind: str, shape: tuple[int, ...], dtype: str, providers: tuple[s
     """Run in a child process: print each provider's peak extra RSS of one step, one per line.
 
     The inputs are built once; before each provider's measured step, a warm-up step (compile,
-    first touch, lazy initialisation) runs and the peak is reset via /proc/self/clear_refs.
+    first touch, lazy initialisation) runs, the C++ kernels' buffer pool is emptied (else the
+    step would reuse the gradient buffer the warm-up left cached there and show none of it)
+    and the peak is reset via /proc/self/clear_refs.
     """
+    from .._alloc import release_cpu_buffers
+
     case = MAKERS[kind](shape, getattr(torch, dtype), "cpu", providers=providers)
     for name in providers:
         step = case.providers[name]
         step()
         gc.collect()
+        release_cpu_buffers()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (peak RSS) to the current RSS
         base = _rss_bytes("VmRSS")
@@ -158,7 +165,22 @@ def machine_info(device: str) -> dict:
         "device": device,
         "cache_bytes": T.cache_bytes(device),
         "cache": "GPU L2" if device == "cuda" else "CPU last-level cache",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "nice": os.nice(0),
+        "loadavg_start": os.getloadavg(),
     }
+    try:
+        from .. import _library
+
+        info["cpu_isa"] = _library.load_ops().cpu_isa()
+    except Exception:  # noqa: BLE001 - no C++ extension (a Triton-only install): no ISA
+        info["cpu_isa"] = None
+    try:
+        from .._alloc import cpu_alloc
+
+        info["cpu_alloc"] = cpu_alloc()
+    except Exception:  # noqa: BLE001 - same
+        info["cpu_alloc"] = None
     try:
         import triton
 
@@ -240,6 +262,15 @@ class _Clocks:
         }
         if self.flush is not None:
             m["graph"] = T.GRAPH_METHOD.format(flush_mb=self.flush.nbytes >> 20)
+        else:
+            m["floor"] = (
+                "fp32 cases: the op's minimum bytes with the least arithmetic by the kernels' own "
+                "loops, ISA and threads (token/AR: read + sum fast_exp, then read + write "
+                "fast_exp; diffusion: read pred/pred_ref/target + sum, then read pred/target + "
+                "write the difference); floor_touched writes into one reused buffer (the pool's "
+                "recycled gradient), floor_fresh into torch.empty; over_floor_* = provider / "
+                "floor_touched at the same percentile"
+            )
         return m
 
 
@@ -297,6 +328,21 @@ def _ratios(rows: list[dict]) -> None:
             for ref in ("eager", "compile"):
                 if ref in base:
                     r[f"x_{ref}_{clock}"] = base[ref] / r[key]
+    # time / floor (>= 1 by construction; the CPU target is <= 1.5 at p50 and p95).
+    # ``over_floor_*`` uses the floor matching the op's own gradient allocation: the pool's
+    # recycled buffer (floor_touched).
+    floors = {r["provider"]: r for r in rows if r["kind"] == "floor"}
+    for r in rows:
+        if r["kind"] != "op":
+            continue
+        for name, f in floors.items():
+            for q in ("p50", "p95"):
+                r[f"over_{name}_{q}"] = r[f"wall_{q}_ms"] / f[f"wall_{q}_ms"]
+        match = "floor_touched"
+        if match in floors:
+            r["floor_matched"] = match
+            for q in ("p50", "p95"):
+                r[f"over_floor_{q}"] = r[f"over_{match}_{q}"]
 
 
 def run(
@@ -345,6 +391,7 @@ def run(
             out.mkdir(parents=True, exist_ok=True)
             partial = {"meta": meta, "rows": rows}
             (out / "bench.partial.json").write_text(json.dumps(partial, indent=1))
+    meta["loadavg_end"] = os.getloadavg()
     return {"meta": meta, "rows": rows}
 
 
@@ -369,8 +416,8 @@ def _run_case(kind, shape, dtype, device, clocks, cache, memory, quick, log) -> 
             row["peak_extra_MB"] = peaks.get(name, float("nan"))
         rows.append(row)
     rows.append(_row(copy, "copy", copy_stats, copy_stats, clock, "copy") | {"case": case.name})
-    if device == "cpu" and kind in ("token", "ar"):
-        floor = C.floor_case(shape, dtype, device, sets=len(case.sets))
+    if device == "cpu" and dtype == F32:
+        floor = C.floor_case(kind, shape, dtype, device, sets=len(case.sets))
         for name, s in _time_case(floor, clocks, log).items():
             rows.append(_row(floor, name, s, copy_stats, clock, "floor") | {"case": case.name})
     _ratios(rows)
@@ -404,6 +451,8 @@ def format_table(result: dict, previous: dict | None = None) -> str:
         cols += [("graph_p50_ms", 9, 3), ("graph_p95_ms", 9, 3)]
     cols += [("wall_p50_ms", 9, 3), ("wall_p95_ms", 9, 3), ("cold_ms", 9, 1)]
     cols += [("GBps", 7, 1), ("pct_copy", 6, 1)]
+    if any("over_floor_p50" in r for r in rows):
+        cols += [("over_floor_p50", 6, 2), ("over_floor_p95", 6, 2)]
     for clock in ("graph", "wall") if graph else ("wall",):
         cols += [(f"x_eager_{clock}", 7, 2), (f"x_compile_{clock}", 7, 2)]
     if graph:
@@ -417,6 +466,8 @@ def format_table(result: dict, previous: dict | None = None) -> str:
         "cold_ms": "cold ms",
         "GBps": "GB/s",
         "pct_copy": "%copy",
+        "over_floor_p50": "/flr50",
+        "over_floor_p95": "/flr95",
         "x_eager_graph": "xeag gr",
         "x_compile_graph": "xcmp gr",
         "x_eager_wall": "xeag wl",

@@ -49,6 +49,15 @@ using ScaledErrorFn = void (*)(const void* p, const void* t, void* g, double coe
 // out_i = fast_exp(x_i) (vec_math.h), exposed for the tests.
 using FastExpFn = void (*)(const float* x, float* out, int64_t n);
 
+// The memory floors of the benchmarks (test hooks, csrc/cpu/test_hooks.cpp): the least work a
+// pass over the same bytes can do, in the kernels' own loop shape and ISA.
+//   read_sum[k - 1]: sum_i (x0_i + ... + x{k-1}_i) over k = 1..3 fp32 arrays (fp32 lanes);
+//   exp_sum:         sum_i fast_exp(x_i) (the token forward's exp, without its max pass);
+//   sub:             out_i = a_i - b_i (the diffusion backward's bytes: read 2, write 1).
+using ReadSumFn = double (*)(const float* const* xs, int64_t n);
+using ExpSumFn = double (*)(const float* x, int64_t n);
+using SubFn = void (*)(const float* a, const float* b, float* out, int64_t n);
+
 struct CpuKernels {
   const char* isa;  // "baseline", "avx2" or "avx512"
   TokenForwardFn token_forward[kNumDtypes];
@@ -56,6 +65,9 @@ struct CpuKernels {
   SquaredErrorGapFn squared_error_gap[kNumDtypes][kNumDtypes][kNumDtypes];  // [p][q][t]
   ScaledErrorFn scaled_error[kNumDtypes][kNumDtypes];                      // [p][t]
   FastExpFn fast_exp;
+  ReadSumFn read_sum[3];
+  ExpSumFn exp_sum;
+  SubFn sub;
 };
 
 namespace baseline {

@@ -24,13 +24,31 @@ struct RowStats {
   float log_sum;
 };
 
-RowStats row_stats(const float* x, int64_t vocab) {
+// The exp pass runs on the row the max pass has just brought into L1, so on its own it would
+// leave DRAM idle while it computes; it therefore prefetches `next` (the next row's
+// `next_bytes`, null for none) into L2 a few lines per block of the exp loop, and the next
+// row's max pass finds it there: memory and exp overlap as in one streaming pass.
+RowStats row_stats(const float* x, int64_t vocab, const void* next, int64_t next_bytes) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t v = 0; v < vocab; ++v) m = x[v] > m ? x[v] : m;
+  constexpr int64_t kBlock = 256;  // floats per exp block (1 KiB)
+  constexpr int64_t kLine = 64;    // bytes per cache line
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  const int64_t lines = next == nullptr ? 0 : (next_bytes + kLine - 1) / kLine;
+  const int64_t lines_per_block = blocks == 0 ? 0 : (lines + blocks - 1) / blocks;
+  const char* ahead = static_cast<const char*>(next);
   float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t v = 0; v < vocab; ++v) s += fast_exp(x[v] - m);
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t l = b * lines_per_block, e = std::min(lines, l + lines_per_block); l < e; ++l)
+      __builtin_prefetch(ahead + l * kLine, 0, 2);
+    const float* xb = x + b * kBlock;
+    const int64_t n = std::min(kBlock, vocab - b * kBlock);
+    float bs = 0.0f;
+#pragma omp simd reduction(+ : bs)
+    for (int64_t v = 0; v < n; ++v) bs += fast_exp(xb[v] - m);
+    s += bs;
+  }
   return {m, std::log(s)};
 }
 
@@ -67,7 +85,11 @@ void token_forward(const TokenRows& rows, int64_t begin, int64_t end, float* lp,
     }
     const T* xr = xp + (row / rows.len) * rows.stride0 + (row % rows.len) * rows.stride1;
     const float* xf = float_row(xr, rows.vocab, scratch);
-    const RowStats st = row_stats(xf, rows.vocab);
+    const int64_t nr = row + 1;
+    const T* next =
+        nr < end ? xp + (nr / rows.len) * rows.stride0 + (nr % rows.len) * rows.stride1 : nullptr;
+    const RowStats st =
+        row_stats(xf, rows.vocab, next, rows.vocab * static_cast<int64_t>(sizeof(T)));
     mp[row] = st.max;
     sp[row] = st.log_sum;
     lp[row] = (xf[target] - st.max) - st.log_sum;
@@ -143,6 +165,35 @@ void fast_exp_n(const float* x, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = fast_exp(x[i]);
 }
 
+// Floors (kernels.h): the same vector loops with the least arithmetic over the same bytes.
+template <int K>
+double read_sum(const float* const* xs, int64_t n) {
+  const float* a = xs[0];
+  const float* b = K > 1 ? xs[1] : nullptr;
+  const float* c = K > 2 ? xs[2] : nullptr;
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = a[i];
+    if constexpr (K > 1) v += b[i];
+    if constexpr (K > 2) v += c[i];
+    acc += v;
+  }
+  return static_cast<double>(acc);
+}
+
+double exp_sum(const float* x, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += fast_exp(x[i]);
+  return static_cast<double>(acc);
+}
+
+void sub(const float* a, const float* b, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] - b[i];
+}
+
 }  // namespace
 
 // Tables indexed in DtypeIndex order: fp32, fp64, fp16, bf16.
@@ -166,6 +217,9 @@ extern const CpuKernels kKernels = {
     DDO_FAST_BY_DTYPE(DDO_FAST_GAP_Q),
     DDO_FAST_BY_DTYPE(DDO_FAST_ERR_T),
     &fast_exp_n,
+    {&read_sum<1>, &read_sum<2>, &read_sum<3>},
+    &exp_sum,
+    &sub,
 };
 
 #undef DDO_FAST_BY_DTYPE
