@@ -89,9 +89,11 @@ def test_preset_tiny_budget_writes_results(tmp_path):
     (run,) = saved["runs"]
     assert run["seed"] == 5 and run["seconds"] > 0
     for stage in ("baseline", "ddo", "mle_control"):
-        assert set(run[stage]) == {"exact_greedy", "exact_sampled", "nll"}
+        extra = set() if stage == "baseline" else {"best_step"}
+        assert set(run[stage]) == {"exact_greedy", "exact_sampled", "nll"} | extra
         assert 0 <= run[stage]["exact_greedy"] <= 100 and 0 <= run[stage]["exact_sampled"] <= 100
         assert saved["summary"][stage]["exact_sampled"]["n"] == 1
+    assert 0 <= run["ddo"]["best_step"][0] <= 4 and len(run["mle_control"]["best_step"]) == 1
     assert set(run["converged"]) == {"control_change", "passed"}
     assert isinstance(run["converged"]["passed"], bool)
     b, c = run["baseline"]["exact_sampled"], run["mle_control"]["exact_sampled"]

@@ -210,7 +210,10 @@ def run_seed(
     task = Task(digits, seed, opts["eval_prompts"], opts["select_prompts"], opts["pairs"])
     adapter = HFCausalLM(max_new_tokens=digits + 2, temperature=1.0)
     steps, lr = opts["pretrain_steps"], opts["pretrain_lr"]
-    name = f"pretrained-{arch}-{digits}-{opts['dim']}-{opts['layers']}-{steps}-{lr}-{seed}.pt"
+    name = (
+        f"pretrained-{arch}-{digits}-{opts['pairs']}-{opts['dim']}-{opts['layers']}-"
+        f"{opts['heads']}-{steps}-{lr}-{opts['pretrain_batch']}-{seed}.pt"
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the initial weights
         model = make_model(arch, opts["dim"], opts["layers"], opts["heads"], digits)
@@ -233,6 +236,8 @@ def run_seed(
         run_cfg = cfg.replace(seed=seed, out_dir=str(base_dir / f"seed{seed}-{stage}"))
         res = train(copy.deepcopy(model), task.train, adapter=a, config=run_cfg, eval_fn=select)
         result[stage] = metrics(adapter, res.model, task, seed, samples)
+        # the selected checkpoint's step in each round (0: the round's reference was kept)
+        result[stage]["best_step"] = [m["best_step_in_round"] for m in res.metrics]
         print(f"seed {seed} {stage}: {result[stage]}")
     if control:
         result["gain"] = gains(result)
@@ -282,8 +287,11 @@ def build(out: Path, cfg: TrainConfig, *, seeds: list[int], control: bool, **opt
     notes = {
         "task": f"{opts['digits']}-digit addition as text, char tokens; {opts['eval_prompts']} "
         f"held-out prompts per seed, {opts['eval_samples']} temperature-1 sample(s) each",
-        "selection": "eval_fn = sampled exact match on train prompts; hyper-parameters chosen "
-        "on seed 0 only",
+        "model": f"{opts['arch']} from a config, {opts['dim']}-d, {opts['layers']} layer(s), "
+        f"{opts['heads']} heads; pre-trained {opts['pretrain_steps']} steps (AdamW, lr "
+        f"{opts['pretrain_lr']} cosine to 1 %, batch {opts['pretrain_batch']})",
+        "selection": "eval_fn = sampled exact match on train prompts; hyper-parameters and "
+        "model size chosen on seed 0 only",
         "metrics": "exact_greedy / exact_sampled in percent; nll in nats per response token",
     }
     return write_results(out, "tiny-lm: DDO on a transformers causal LM (addition)", runs, notes)
