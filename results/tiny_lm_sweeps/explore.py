@@ -36,6 +36,7 @@ for spec in sys.argv[2:]:
         json.dumps(
             {
                 "spec": spec,
+                "seed": seed,
                 "ntrain": len(task.train["input_ids"]),
                 **m,
                 "pretrain_s": round(t1 - t0, 1),

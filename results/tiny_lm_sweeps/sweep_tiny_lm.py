@@ -34,6 +34,7 @@ for i, cell in enumerate(cells):
     rows.append(
         {
             "cell": cell,
+            "seed": run["seed"],  # the scoring seed (always the selection seed 0 here)
             "setting": setting,
             "control": control,
             "seconds": round(time.time() - t0, 1),
