@@ -122,6 +122,15 @@ def main() -> None:
     load0 = os.getloadavg()
     res: dict = {
         "shape": {"L": 680, "V": VOCAB, "depth": DEPTH, "width": a.width, "rows": 2 * a.batch},
+        "patch_nums": list(PATCH_NUMS),
+        "dtypes": {
+            "step": "bf16 autocast (CPU), logits and loss fp32",
+            "loss_only": "fp32 logits [rows, L, V], fp32 loss",
+        },
+        "note": "CPU at reduced width (VAR-d16 is width 1024): the loss share at width 1024 "
+        "is smaller, the step's matmuls growing ~width^2 while the loss does not change",
+        "command": "python benchmarks/bench_var_step.py "
+        + " ".join(f"--{k} {v}" for k, v in vars(a).items() if k != "json"),
         "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads()},
     }
     for variant in ("stats", "fused", "eager"):

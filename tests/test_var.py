@@ -245,3 +245,27 @@ def test_digits_var_preset_smoke(tmp_path):
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
     cols = (tmp_path / "ddo" / "seed-1" / "ddo" / "metrics.csv").read_text().splitlines()[0]
     assert "r_real_s3" in cols and "r_fake_s0" in cols
+
+
+def test_cfg_sweep_cache_is_per_model(tmp_path):
+    """The selection-seed CFG sweep is cached per pre-trained model: a model of another size
+    (same seed, same scales) runs its own sweep instead of reusing the first model's."""
+    from types import SimpleNamespace
+
+    from ddo_fast.examples.digits_var import choose_cfg
+
+    def fake_seed(tag: str, fds: dict[float, float]):
+        calls = []
+
+        def select(model, cfg=0.0):
+            calls.append(cfg)
+            return {"fd": fds[cfg]}
+
+        return SimpleNamespace(seed=0, start="raw", model_tag=tag, model=None, select=select), calls
+
+    small, small_calls = fake_seed("var-64-1_2_4_8-0-48", {0.0: 9.0, 0.5: 7.0, 1.0: 8.0})
+    wide, wide_calls = fake_seed("var-64-1_2_4_8-0-96", {0.0: 5.0, 0.5: 6.0, 1.0: 4.0})
+    assert choose_cfg(small, [0.5, 1.0], tmp_path)[0] == 0.5 and len(small_calls) == 3
+    assert choose_cfg(wide, [0.5, 1.0], tmp_path)[0] == 1.0 and len(wide_calls) == 3
+    again, again_calls = fake_seed("var-64-1_2_4_8-0-48", {})
+    assert choose_cfg(again, [0.5, 1.0], tmp_path)[0] == 0.5 and not again_calls  # cached

@@ -75,11 +75,12 @@ class Seed:
         def make() -> VARTransformer:
             return VARTransformer(q, 10, dim=dim, layers=layers, heads=heads, label_dropout=0.0)
 
-        name = f"pretrained-var-{tag}-{dim}-{layers}-{heads}-{steps}-{lr}.pt"
+        # names the pre-trained weights: every cache that depends on them (the CFG sweep) keys on it
+        self.model_tag = f"var-{tag}-{dim}-{layers}-{heads}-{steps}-{lr}"
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.ema, self.raw = cached_pretrain_pair(
-                cache / name,
+                cache / f"pretrained-{self.model_tag}.pt",
                 make,
                 lambda m: pretrain(m, self.adapter, self.tokens, s.y_train, steps, seed, lr=lr),
             )
@@ -112,8 +113,10 @@ def make_adapter(opts: dict) -> A.VAR:
 
 def choose_cfg(seed: Seed, scales: list[float], cache: Path) -> tuple[float, dict]:
     """The guidance scale > 0 with the lowest selection FD on the selection seed, and the
-    sweep {scale: FD} (0 included, for reference); cached."""
-    tag = f"{seed.seed}-{seed.start}-{'_'.join(map(str, scales))}"
+    sweep {scale: FD} (0 included, for reference); cached under the pre-trained model's tag
+    (``seed.model_tag``: quantiser, seed, size, pre-training) and the weights used, so a sweep
+    of another model is never reused."""
+    tag = f"{seed.model_tag}-{seed.start}-{'_'.join(map(str, scales))}"
     path = cache / f"cfg-sweep-{tag}.json"
     if path.exists():
         sweep = {float(k): v for k, v in json.loads(path.read_text()).items()}
