@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ STAT_COLUMNS = ("loss", "margin", "r_real", "r_fake", "grad_norm")
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return env | {"OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank that aborts prints every Python thread's stack (see GLOO_ABORT)
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def _cmd(out: Path, ranks: int, args: list[str]) -> list[str]:
@@ -44,23 +46,24 @@ def _cmd(out: Path, ranks: int, args: list[str]) -> list[str]:
 
 
 # An intermittent abort of one gloo rank ("terminate called without an active exception",
-# SIGABRT) was seen once in 4 fresh-clone CI runs, in the resumed 2-rank FSDP run; its cause
-# (a gloo worker thread outliving its process group) is not found yet and is recorded as open
-# work. Such a run is retried once from the same folder (a resume from the last complete
-# checkpoint, which the protocol allows), and must then pass every check below; any other
-# failure, or the abort twice, fails the test.
+# SIGABRT) was seen once in 4 fresh-clone CI runs, in the resumed 2-rank FSDP run. That run then
+# shared its folder with the "killed" run's ranks, which the kill did not reach (see
+# _killed_and_resumed; fixed, and train() now refuses a folder a live run holds); the abort was
+# not reproduced, so until the CI record shows it gone such a run is retried once from the same
+# folder and must then pass every check below; any other failure, or the abort twice, fails.
 GLOO_ABORT = "terminate called without an active exception"
 
 
 def _run(out: Path, ranks: int, args: list[str]) -> str:
     for attempt in (1, 2):
-        proc = subprocess.run(
-            _cmd(out, ranks, args), capture_output=True, text=True, timeout=300, env=_env()
+        proc = subprocess.run(  # 900 s: a loaded shared machine runs these at a few % of a core
+            _cmd(out, ranks, args), capture_output=True, text=True, timeout=900, env=_env()
         )
         retry = attempt == 1 and proc.returncode != 0 and GLOO_ABORT in proc.stderr
         if not retry:
             break
-        print(f"gloo abort in {out.name}: retrying once ({GLOO_ABORT!r})")
+        # a warning, so that CI's summary keeps the aborted run's stacks even when the retry passes
+        warnings.warn(f"gloo abort in {out.name}, retried:\n{proc.stderr[-6000:]}", stacklevel=2)
         if "--resume" not in args:
             shutil.rmtree(out, ignore_errors=True)  # a fresh run starts from scratch again
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -107,27 +110,55 @@ def test_two_ranks_with_blocks_equal_one_rank(tmp_path):
     assert list((tmp_path / "two" / "checkpoints" / "step-00000024").glob("*.distcp"))
 
 
-def _killed_and_resumed(out: Path, args: list[str]) -> str:
+def _children(pid: int) -> list[int]:
+    return [
+        int(k)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for k in (task / "children").read_text().split()
+    ]
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (killed, not yet reaped by whoever adopted it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _killed_and_resumed(out: Path, args: list[str]) -> tuple[str, Path]:
     """Start a 2-rank run, SIGKILL the launcher and both ranks once a complete checkpoint
-    exists (mid-run), then run again with --resume; returns the last run's output."""
+    exists (mid-run), wait until no rank lives, then run again with --resume; returns the last
+    run's output and the newest complete checkpoint at the kill. torchrun starts every rank in
+    its own session, so killing the launcher's process group would leave the ranks running:
+    they would go on writing checkpoints and logs into ``out`` beside the resumed run."""
     proc = subprocess.Popen(
         _cmd(out, 2, [*args, "--resume"]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=_env(),
-        start_new_session=True,  # its own process group: one killpg reaches every rank
+        start_new_session=True,
     )
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while not list((out / "checkpoints").glob(f"step-*/{checkpoint.MARKER}")):
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    ranks = _children(proc.pid)  # the ranks exist: one of them wrote the checkpoint
+    assert len(ranks) == 2, ranks
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while not all(_dead(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "a rank outlived its SIGKILL"
+        time.sleep(0.01)
     assert not (out / "final.pt").exists()  # killed mid-run
     for folder in (out / "checkpoints").glob("step-*"):
         assert (folder / checkpoint.MARKER).exists(), folder
-    return _run(out, 2, [*args, "--resume"])
+    at_kill = checkpoint.latest(out / "checkpoints")
+    return _run(out, 2, [*args, "--resume"]), at_kill
 
 
 @pytest.mark.slow
@@ -140,8 +171,8 @@ def test_two_ranks_without_blocks_equal_one_rank_and_resume_after_kill(tmp_path)
     _run(tmp_path / "one", 1, ["--model", "mlp", "--log-every", "3"])
     _run(tmp_path / "full", 2, args)
     _close(tmp_path / "one", tmp_path / "full")
-    rest = _killed_and_resumed(tmp_path / "killed", [*args, "--step-sleep", "0.1"])
-    assert "resumed from" in rest
+    rest, at_kill = _killed_and_resumed(tmp_path / "killed", [*args, "--step-sleep", "0.1"])
+    assert f"resumed from {at_kill} " in rest and at_kill.name != "step-00000024"  # mid-run
     for name in ("metrics.csv", "evals.csv"):
         assert (tmp_path / "killed" / name).read_text() == (tmp_path / "full" / name).read_text()
     a = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
@@ -230,6 +261,25 @@ def test_sharded_and_replicated_checkpoints_are_not_mixed_up(tmp_path, group):
         ddo_fast.train(model, data, adapter=adapter, config=cfg)
     with pytest.raises(ValueError, match="TrainConfig.distributed='zero'"):
         ddo_fast.TrainConfig(distributed="zero")
+
+
+def test_a_live_run_holds_its_out_dir(tmp_path, group):
+    """A run on a folder that another live run holds is refused before it reads or writes
+    anything there (resumed beside a run that still writes, the two would interleave their
+    checkpoints and logs); train() lets go of the folder when it returns and when it raises."""
+    model, data, adapter = ts.model_and_data("mlp", None)
+    cfg = _cfg(tmp_path, rounds=1)
+    with checkpoint.out_dir_lock(tmp_path, 0, 1):  # the other run (its own open file)
+        with pytest.raises(RuntimeError, match=r"in use by another live run \(pid \d+"):
+            ddo_fast.train(model, data, adapter=adapter, config=cfg)
+    assert list(tmp_path.iterdir()) == [tmp_path / checkpoint.LOCK]
+    ddo_fast.train(model, data, adapter=adapter, config=cfg)
+    with pytest.raises(ValueError, match="distributed='ddp'"):  # raises while holding it
+        ddo_fast.train(
+            model, data, adapter=adapter, config=cfg.replace(resume=True, distributed="fsdp")
+        )
+    with checkpoint.out_dir_lock(tmp_path, 0, 1):  # free again
+        pass
 
 
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero")

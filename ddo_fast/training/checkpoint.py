@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from .state import upgrade
 
 MARKER = "COMPLETE"
+LOCK = ".lock"
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,6 +148,53 @@ def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, An
     weights = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
     meta = torch.load(folder / "state.pt", weights_only=True)
     return weights, upgrade(meta, weights)
+
+
+@contextmanager
+def out_dir_lock(out: Path, rank: int, world: int) -> Iterator[None]:
+    """Holds ``<out>/.lock`` (an exclusive, non-blocking ``flock`` taken by rank 0; the kernel
+    drops it when the holder exits, SIGKILL included) for the duration, and raises
+    ``RuntimeError`` on every rank when another live process holds it. A collective when
+    ``world > 1`` (rank 0's verdict is broadcast, so that all ranks raise together). Where
+    ``fcntl`` does not exist (Windows) there is no check."""
+    held = None
+    refused = ""
+    if rank == 0:
+        try:
+            import fcntl
+        except ImportError:  # no flock: no guard
+            fcntl = None
+        if fcntl is not None:
+            path = out / LOCK
+            fh = open(path, "a+")  # noqa: SIM115 - kept open while the run holds the lock
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                fh.close()
+                refused = (
+                    f"ddo_fast.train: out_dir {out} is in use by another live run (pid {holder} "
+                    f"holds {path}); two runs writing one folder would interleave their "
+                    "checkpoints and logs. Wait for it to end or kill it - under torchrun kill "
+                    "every rank, not only the launcher (each rank is its own session)."
+                )
+            else:
+                fh.truncate(0)
+                fh.write(f"{os.getpid()}\n")
+                fh.flush()
+                held = fh
+    if world > 1:
+        box = [refused]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise RuntimeError(refused)
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.close()  # closing the file releases the flock
 
 
 def build_once(path: Path, build: Callable[[], dict[str, Any]], rank: int, world: int) -> dict:

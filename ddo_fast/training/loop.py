@@ -403,10 +403,12 @@ def train(
         fake_data: fakes for the first round (``tensor`` or ``(tensor, labels)``) instead of
             generating them.
         eval_fn: ``eval_fn(model) -> float | dict``; drives best-checkpoint selection.
+
+    Raises ``RuntimeError`` when another live run holds ``out_dir``
+    (:func:`~ddo_fast.training.checkpoint.out_dir_lock`).
     """
     cfg = config
     # ---------------------------------------------------------------- placement and folders
-    sharded = cfg.distributed == "fsdp"
     rank, world, device, owns_pg = setup_distributed(cfg.device, cfg.distributed)
     if cfg.batch_size % world:
         raise ValueError(
@@ -416,6 +418,27 @@ def train(
     out = Path(cfg.out_dir) if cfg.out_dir else Path.cwd() / f"ddo-train-{stamp}"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    with checkpoint.out_dir_lock(out, rank, world):  # one live run per folder
+        where = (out, rank, world, device, owns_pg)
+        return _train(model, real_data, adapter, cfg, sampler, fake_data, eval_fn, *where)
+
+
+def _train(
+    model: nn.Module,
+    real_data: Any,
+    adapter: Adapter,
+    cfg: TrainConfig,
+    sampler: Sampler | None,
+    fake_data: Any,
+    eval_fn: EvalFn | None,
+    out: Path,
+    rank: int,
+    world: int,
+    device: torch.device,
+    owns_pg: bool,
+) -> TrainResult:
+    """:func:`train` once placed, in the folder ``out`` that it holds."""
+    sharded = cfg.distributed == "fsdp"
     prepare = getattr(adapter, "prepare_data", None)  # e.g. HFCausalLM packs a dict
     data = RealData(prepare(real_data) if prepare is not None else real_data)
 
