@@ -269,3 +269,30 @@ def test_cfg_sweep_cache_is_per_model(tmp_path):
     assert choose_cfg(wide, [0.5, 1.0], tmp_path)[0] == 1.0 and len(wide_calls) == 3
     again, again_calls = fake_seed("var-64-1_2_4_8-0-48", {})
     assert choose_cfg(again, [0.5, 1.0], tmp_path)[0] == 0.5 and not again_calls  # cached
+
+
+def test_model_tag_covers_every_model_option():
+    """Every option that changes the pre-trained weights changes the tag that names them (and
+    keys the CFG-sweep cache); options that do not (re-encoding the fakes) leave it alone."""
+    from ddo_fast.examples.digits_var import model_tag
+    from ddo_fast.examples.presets import PRESETS
+
+    opts = dict(PRESETS["digits-var"].options)
+    base = model_tag(opts, 0)
+    changes = {
+        "dim": opts["dim"] * 2,
+        "layers": opts["layers"] + 1,
+        "heads": opts["heads"] * 2,
+        "vocab": opts["vocab"] * 2,
+        "patch_nums": [*opts["patch_nums"], 16],
+        "pretrain_steps": opts["pretrain_steps"] + 1,
+        "pretrain_lr": opts["pretrain_lr"] * 3,
+    }
+    tags = {base}
+    for key, value in changes.items():
+        tag = model_tag({**opts, key: value}, 0)
+        assert tag != base, key
+        tags.add(tag)
+    assert len(tags) == len(changes) + 1  # pairwise distinct
+    assert model_tag(opts, 1) != base  # the seed too
+    assert model_tag({**opts, "reencode": not opts["reencode"]}, 0) == base

@@ -50,7 +50,11 @@ class VAR(CausalAR):
     temperature=..., top_k=..., top_p=...)`` (KV-cached) when it has one, else
     :meth:`sample_uncached`; ``cfg`` 0 is guidance-free, > 0 VAR's ramp
     (:func:`~ddo_fast.models.var.cfg_ramp`). ``reencode``: fakes are decoded to pixels and
-    re-encoded (``model.reencode(tokens)``), as the DDO authors do.
+    re-encoded (``model.reencode(tokens)``; that the DDO authors do so rests on the text of
+    issue 12, not on their code). A heuristic departure from DDO's theory: with R =
+    encode∘decode the fakes are samples of the push-forward R#p_ref, q(x) = Σ_{R(t)=x} p_ref(t),
+    not of p_ref, so the optimal discriminator is log p_data/q rather than log p_data/p_ref and
+    the guarantee that theta -> p_data at the optimum no longer holds exactly.
 
     Cached reference log-probs (:meth:`ref_logprob`): [N, K_cond * S] per-scale sums, S =
     len(patch_nums), K_cond = 1 (own label) or 2 (own, null label) - the loss picks the block by

@@ -45,6 +45,19 @@ NULL = 10  # the null class of 10 digit classes
 run = preset_runner("digits-var")
 
 
+def quantizer_tag(opts: dict, seed: int) -> str:
+    """Names a seed's quantiser: codebook size, pyramid and seed (the k-means fit's inputs)."""
+    return f"{opts['vocab']}-{'_'.join(map(str, opts['patch_nums']))}-{seed}"
+
+
+def model_tag(opts: dict, seed: int) -> str:
+    """Names a seed's pre-trained weights: the quantiser, the model's size and the pre-training
+    (steps, lr). Every cache that depends on the weights (the CFG sweep) keys on it, so any
+    option that changes them must appear here (``test_model_tag_covers_every_model_option``)."""
+    size = f"{opts['dim']}-{opts['layers']}-{opts['heads']}"
+    return f"var-{quantizer_tag(opts, seed)}-{size}-{opts['pretrain_steps']}-{opts['pretrain_lr']}"
+
+
 class Seed:
     """One seed's split, metrics, quantiser, tokens and pre-trained (EMA, raw) models."""
 
@@ -59,8 +72,7 @@ class Seed:
         self.metrics = DigitsMetrics(s, clf, seed)
         self.floor = self.metrics.floor()
         pns, vocab = tuple(opts["patch_nums"]), opts["vocab"]
-        tag = f"{vocab}-{'_'.join(map(str, pns))}-{seed}"
-        qpath = cache / f"quantizer-{tag}.pt"
+        qpath = cache / f"quantizer-{quantizer_tag(opts, seed)}.pt"
         if qpath.exists():
             q = MultiScaleQuantizer(torch.load(qpath, weights_only=True), pns)
         else:
@@ -75,8 +87,7 @@ class Seed:
         def make() -> VARTransformer:
             return VARTransformer(q, 10, dim=dim, layers=layers, heads=heads, label_dropout=0.0)
 
-        # names the pre-trained weights: every cache that depends on them (the CFG sweep) keys on it
-        self.model_tag = f"var-{tag}-{dim}-{layers}-{heads}-{steps}-{lr}"
+        self.model_tag = model_tag(opts, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.ema, self.raw = cached_pretrain_pair(

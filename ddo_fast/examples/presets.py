@@ -117,7 +117,10 @@ PRESETS: dict[str, Preset] = {
             batch_size=64,
             steps_per_round=400,
             rounds=2,
-            fake_samples_per_round=25_600,  # fresh fakes: each used once (a pool is memorised)
+            # a fresh pool per round, drawn with replacement (loop.py): ≈ 63 % of it drawn,
+            # ≈ 1.6 draws per drawn fake, vs ≈ 12.8 per fake (400 × 64 / 2,000) for the 2,000
+            # pool that was memorised
+            fake_samples_per_round=25_600,
             ema=0.99,
             eval_every=50,
             select_best_by="min:fd",
