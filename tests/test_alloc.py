@@ -5,6 +5,8 @@ policy must give exactly the gradient of the float64 reference, including right 
 of the same size with other values.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,7 @@ def test_diffusion_gradient_on_reused_memory(policy, name):
     policy(name)
     gen = torch.Generator().manual_seed(1)
     shape = (64, 4, 64, 64)
+    hits = _alloc.cpu_buffer_stats()["hits"]
     for scale in (30.0, 1.0):
         p, q, t = (scale * torch.randn(shape, generator=gen) for _ in range(3))
         w = torch.rand(64, generator=gen) + 0.5
@@ -67,6 +70,8 @@ def test_diffusion_gradient_on_reused_memory(policy, name):
         (g_ref,) = torch.autograd.grad(reference.ddo_loss_ref(r, real, beta=1e-4), ref)
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-9)
         del g
+    if name == "pool":  # the second call's 4 MiB gradient was the first call's buffer
+        assert _alloc.cpu_buffer_stats()["hits"] > hits
 
 
 def test_pool_reuses_buffers_and_is_bounded(policy):
@@ -106,3 +111,22 @@ def test_bad_policy_names_the_argument(policy):
         policy("huge")
     with pytest.raises(RuntimeError, match="action"):
         torch.ops.ddo_fast.cpu_buffers("nothing")
+
+
+@pytest.mark.parametrize("name", _alloc.POLICIES)
+def test_empty_large_hook(policy, name):
+    """``ddo_fast_testing::empty_large`` (the benchmarks' floor buffer) is the kernels'
+    allocator: fp32 CPU of the shape asked, 2 MiB aligned from 2 MiB up under thp/pool."""
+    policy(name)
+    empty_large = torch.ops.ddo_fast_testing.empty_large
+    for sizes in ([3, 5], [2, 256, 1024], [0], []):
+        t = empty_large(sizes)
+        assert t.shape == tuple(sizes) and t.dtype == torch.float32 and t.device.type == "cpu"
+        assert t.is_contiguous() and t.numel() == math.prod(sizes)
+        t.fill_(2.0)  # writable over its whole extent
+        assert t.sum().item() == 2.0 * t.numel()
+    big = empty_large([2, 256, 1024])
+    if name != "plain":
+        assert big.data_ptr() % (2 << 20) == 0
+    with pytest.raises(ValueError, match="`sizes`"):
+        empty_large([4, -1])

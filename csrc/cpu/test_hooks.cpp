@@ -11,6 +11,10 @@
 //     out given,  exp = True:   out = fast_exp(reads[0]) (read 1, write 1), return 0.
 //   The sums are returned so that no pass can be optimised away; `out` is written in place, so
 //   the caller chooses touched memory (a reused buffer) or a fresh allocation (page faults).
+//   empty_large(sizes)            an fp32 CPU tensor from the kernels' own large-output
+//                                 allocator (large_alloc.h, the policy in force), so that a
+//                                 benchmark floor writes into the same kind of memory (2 MiB
+//                                 aligned, huge-page advised, pooled) as the op's gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +23,7 @@
 #include <vector>
 
 #include "isa/kernels.h"
+#include "large_alloc.h"
 
 namespace ddo_fast {
 namespace {
@@ -93,11 +98,20 @@ at::Tensor floor_pass_cpu(at::TensorList reads, const std::optional<at::Tensor>&
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
 }
 
+at::Tensor empty_large_cpu(at::IntArrayRef sizes) {
+  for (const int64_t s : sizes) {
+    TORCH_CHECK_VALUE(s >= 0, "ddo_fast: `sizes` must be non-negative, got ", sizes);
+  }
+  return empty_large(sizes, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ddo_fast_testing, m) {
   m.def("fast_exp(Tensor x) -> Tensor");
   m.def("floor_pass(Tensor[] reads, Tensor(a!)? out, bool exp) -> Tensor");
+  // No tensor argument to dispatch on: one kernel for every key (it always allocates on CPU).
+  m.def("empty_large(int[] sizes) -> Tensor", &empty_large_cpu);
 }
 
 TORCH_LIBRARY_IMPL(ddo_fast_testing, CPU, m) {

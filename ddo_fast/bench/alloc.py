@@ -11,6 +11,9 @@ p95 of a training-like loop, each policy in a fresh process (so its cold start c
   requested again every step, with the model's own allocations in between.
 * ``diffusion``: a linear denoiser makes predictions [256, 4, 64, 64] fp32 (16 MB), the fused
   ``diffusion_ddo_loss`` forward+backward, the denoiser's backward.
+* ``diffusion_b64``: the same at [64, 4, 64, 64] fp32 (a 4 MiB gradient): the 2-8 MiB range
+  that the policy covers from 2 MiB up, measured here rather than assumed (from glibc's heap
+  such a buffer can be trimmed and faulted in again between calls).
 
 Per step: ``op`` = the ddo_fast forward+backward alone (wall clock), ``step`` = the whole step.
 Reported: cold (first step), p50, p95 and max of each, per policy, with the CPU model and the
@@ -32,7 +35,8 @@ import torch
 from . import timing as T
 
 POLICIES = ("plain", "thp", "pool")
-CASES = ("token", "diffusion")
+CASES = ("token", "diffusion", "diffusion_b64")
+DIFFUSION_BATCH = {"diffusion": 256, "diffusion_b64": 64}  # predictions [B, 4, 64, 64] fp32
 
 
 def _token_loop(steps: int) -> tuple[list[float], list[float]]:
@@ -61,11 +65,11 @@ def _token_loop(steps: int) -> tuple[list[float], list[float]]:
     return op_s, step_s
 
 
-def _diffusion_loop(steps: int) -> tuple[list[float], list[float]]:
+def _diffusion_loop(steps: int, b: int) -> tuple[list[float], list[float]]:
     import ddo_fast
 
     g = torch.Generator().manual_seed(0)
-    b, dim, width = 256, 4 * 64 * 64, 64
+    dim, width = 4 * 64 * 64, 64
     net = torch.nn.Linear(width, dim)
     z = torch.randn(b, width, generator=g)
     target = torch.randn(b, dim, generator=g)
@@ -94,7 +98,10 @@ def child(case: str, steps: int) -> None:
     """One policy (from $DDO_FAST_CPU_ALLOC), one case, in this fresh process: JSON on stdout."""
     from .. import _alloc
 
-    op_s, step_s = (_token_loop if case == "token" else _diffusion_loop)(steps)
+    if case == "token":
+        op_s, step_s = _token_loop(steps)
+    else:
+        op_s, step_s = _diffusion_loop(steps, DIFFUSION_BATCH[case])
     print(
         json.dumps(
             {
@@ -126,6 +133,7 @@ def _thp() -> dict[str, str]:
 def study(steps: int) -> dict:
     from .runner import machine_info
 
+    machine = machine_info("cpu")  # before the loop: its loadavg_start is the start
     rows = []
     for case in CASES:
         for policy in POLICIES:
@@ -148,7 +156,7 @@ def study(steps: int) -> dict:
         for case in CASES
     }
     return {
-        "machine": machine_info("cpu"),
+        "machine": machine,
         "thp": _thp(),
         "steps": steps,
         "rows": rows,
@@ -165,13 +173,13 @@ def format_study(result: dict) -> str:
         f"CPU large-buffer policy by p95 ({m.get('cpu')}, {m['threads']} threads, "
         f"THP enabled={result['thp']['enabled']!r} defrag={result['thp']['defrag']!r}, "
         f"{result['steps']} steps)",
-        f"{'case':10} {'policy':7} {'op cold':>8} {'op p50':>8} {'op p95':>8} {'op max':>8} "
+        f"{'case':13} {'policy':7} {'op cold':>8} {'op p50':>8} {'op p95':>8} {'op max':>8} "
         f"{'step p50':>9} {'step p95':>9}  (ms)",
     ]
     for r in result["rows"]:
         o, s = r["op"], r["step"]
         lines.append(
-            f"{r['case']:10} {r['policy']:7} {o['cold_ms']:8.1f} {o['p50_ms']:8.1f} "
+            f"{r['case']:13} {r['policy']:7} {o['cold_ms']:8.1f} {o['p50_ms']:8.1f} "
             f"{o['p95_ms']:8.1f} {o['max_ms']:8.1f} {s['p50_ms']:9.1f} {s['p95_ms']:9.1f}"
         )
     lines.append(f"lowest op p95: {result['best_by_op_p95']}")

@@ -267,6 +267,15 @@ def _floor_pass(reads: list[torch.Tensor], out: torch.Tensor | None, exp: bool) 
     return torch.ops.ddo_fast_testing.floor_pass(reads, out, exp)
 
 
+def empty_large(sizes: list[int]) -> torch.Tensor:
+    """An fp32 CPU tensor from the kernels' large-output allocator (``csrc/cpu/large_alloc.h``,
+    the policy in force), via the test hook ``ddo_fast_testing::empty_large``."""
+    from .._library import load_ops
+
+    load_ops()
+    return torch.ops.ddo_fast_testing.empty_large(list(sizes))
+
+
 def floor_case(kind: str, shape, dtype, device: str, sets: int = 1) -> Case:
     """The memory floor of a fused forward+backward on CPU (fp32): the op's minimum bytes moved
     with the least arithmetic the op needs, by the kernels' own vector loops, ISA and threads
@@ -278,12 +287,15 @@ def floor_case(kind: str, shape, dtype, device: str, sets: int = 1) -> Case:
     * diffusion: a pass reading pred, pred_ref and target and summing them (the forward), then
       a pass reading pred and target and writing ``pred - target`` (the backward).
 
-    ``floor_touched`` writes the backward's result into one buffer reused call after call, as
-    the ``pool`` allocator (the default) hands the op its recycled gradient buffer: the floor
-    that matches the allocation the op uses, and the one the <= 1.5x target is taken against.
-    ``floor_fresh`` writes into a fresh ``torch.empty`` (page faults included where the
-    allocator maps fresh pages: glibc does above its mmap threshold, at most 32 MiB, and may
-    serve smaller buffers from its heap, touched or trimmed)."""
+    ``floor_touched`` writes the backward's result into one buffer reused call after call,
+    made by the kernels' own large-output allocator (``ddo_fast_testing::empty_large``: 2 MiB
+    aligned, huge-page advised, under the policy in force), as the ``pool`` allocator (the
+    default) hands the op its recycled gradient buffer: the same kind of memory, already
+    touched. ``floor_fresh`` writes into a fresh ``torch.empty`` (page faults included where
+    the allocator maps fresh pages: glibc does above its mmap threshold, at most 32 MiB, and
+    may serve smaller buffers from its heap, touched or trimmed). The runner takes a
+    provider's ratio to the floor against the lower of the two at each percentile, so that it
+    stays a lower bound whichever memory happens to be faster in a run."""
     if device != "cpu" or dtype != F32:
         raise ValueError(f"floor_case: the floor is CPU fp32 only, got {device} {dtype}")
     token = kind in ("token", "ar")
@@ -298,7 +310,9 @@ def floor_case(kind: str, shape, dtype, device: str, sets: int = 1) -> Case:
         set_bytes=numel * 4 * (2 if token else 4),
         checked=False,
     )
-    out = torch.zeros(numel)  # one recycled output buffer, as the pool gives the op
+    # One output buffer from the op's own allocator, touched once here (reused, as the pool
+    # gives the op its recycled gradient): a 4 KiB-page torch.zeros wrote measurably slower.
+    out = empty_large([numel]).zero_()
     for _ in range(sets):
         reads = [torch.randn(numel) for _ in range(1 if token else 3)]
         case.sets.append((reads, out))

@@ -23,11 +23,16 @@ from collections.abc import Callable
 
 import torch
 
+# The suite's wall clock (runner._Clocks.measure_interleaved): the providers of a case, and on
+# CPU its floors, interleaved round by round.
 WALL_METHOD = {
-    "cpu": "wall clock per call, >= {rounds} samples (more until 0.5 s spent), after 2 warm-up "
-    "calls; inputs rotated over sets >= 4x LLC",
-    "cuda": "wall clock, eager, {rounds} batches of {batch} calls, one synchronize per batch; "
-    "inputs rotated over sets >= 4x L2; L2 flushed before each batch",
+    "cpu": "wall clock per call, {rounds} rounds; each round runs a block of every provider "
+    "(and of the floors) in an order rotated every round: 1 untimed call, then >= 1 timed calls "
+    "(more, up to 10, until 0.5 s / {rounds} spent); inputs rotated over sets >= 4x LLC, one "
+    "counter walking the sets across all blocks",
+    "cuda": "wall clock, eager, {rounds} rounds; each round runs a block of every provider in an "
+    "order rotated every round: 1 untimed call, then one batch of {batch} calls with one "
+    "synchronize; inputs rotated over sets >= 4x L2; L2 flushed before each batch",
 }
 GRAPH_METHOD = (
     "CUDA graph replay, L2 flushed ({flush_mb} MiB zeroed) before each replay, CUDA events"
