@@ -282,6 +282,28 @@ def test_a_live_run_holds_its_out_dir(tmp_path, group):
         pass
 
 
+def test_out_dir_lock_without_flock_or_folder(tmp_path, monkeypatch):
+    """A file system that refuses flock (ENOLCK, ENOSYS...) runs unguarded with a warning, not
+    "in use"; a folder rank 0 cannot create is a RuntimeError naming it (raised after the
+    verdict's broadcast point, so other ranks do not wait in it)."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="no one-run-per-folder guard"):
+        with checkpoint.out_dir_lock(tmp_path / "nfs", 0, 1):
+            pass
+    monkeypatch.undo()
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(RuntimeError, match=r"cannot use out_dir .*file"):
+        with checkpoint.out_dir_lock(blocked / "run", 0, 1):
+            pass
+
+
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero")
 
 

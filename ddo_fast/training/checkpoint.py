@@ -150,40 +150,57 @@ def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, An
     return weights, upgrade(meta, weights)
 
 
+def _take_lock(out: Path) -> tuple[Any, str]:
+    """Rank 0's half of :func:`out_dir_lock`: creates ``out`` and takes the flock. Returns
+    (the open lock file or None, the refusal message or "")."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no guard
+        return None, ""
+    path = out / LOCK
+    fh = open(path, "a+")  # noqa: SIM115 - kept open while the run holds the lock
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # EAGAIN / EWOULDBLOCK: another live process holds it
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        return None, (
+            f"ddo_fast.train: out_dir {out} is in use by another live run (pid {holder} "
+            f"holds {path}); two runs writing one folder would interleave their "
+            "checkpoints and logs. Wait for it to end or kill it - under torchrun kill "
+            "every rank, not only the launcher (each rank is its own session)."
+        )
+    except OSError as e:  # flock unsupported here (some network / FUSE file systems)
+        fh.close()
+        warnings.warn(
+            f"ddo_fast.train: no one-run-per-folder guard for {out}: flock on {path} failed "
+            f"({e!r}) on this file system",
+            stacklevel=4,
+        )
+        return None, ""
+    fh.truncate(0)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh, ""
+
+
 @contextmanager
 def out_dir_lock(out: Path, rank: int, world: int) -> Iterator[None]:
-    """Holds ``<out>/.lock`` (an exclusive, non-blocking ``flock`` taken by rank 0; the kernel
-    drops it when the holder exits, SIGKILL included) for the duration, and raises
-    ``RuntimeError`` on every rank when another live process holds it. A collective when
-    ``world > 1`` (rank 0's verdict is broadcast, so that all ranks raise together). Where
-    ``fcntl`` does not exist (Windows) there is no check."""
-    held = None
-    refused = ""
+    """Creates ``out`` (rank 0) and holds ``<out>/.lock`` (an exclusive, non-blocking ``flock``
+    taken by rank 0; the kernel drops it when the holder exits, SIGKILL included) for the
+    duration; raises ``RuntimeError`` on every rank when another live process holds it or rank 0
+    cannot create or open the folder. A collective when ``world > 1``: rank 0 always reaches the
+    broadcast of its verdict, so that all ranks raise together instead of some waiting in it.
+    Where ``flock`` does not exist (Windows) or the file system refuses it (warned), there is no
+    guard."""
+    held, refused = None, ""
     if rank == 0:
         try:
-            import fcntl
-        except ImportError:  # no flock: no guard
-            fcntl = None
-        if fcntl is not None:
-            path = out / LOCK
-            fh = open(path, "a+")  # noqa: SIM115 - kept open while the run holds the lock
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                holder = fh.read().strip() or "?"
-                fh.close()
-                refused = (
-                    f"ddo_fast.train: out_dir {out} is in use by another live run (pid {holder} "
-                    f"holds {path}); two runs writing one folder would interleave their "
-                    "checkpoints and logs. Wait for it to end or kill it - under torchrun kill "
-                    "every rank, not only the launcher (each rank is its own session)."
-                )
-            else:
-                fh.truncate(0)
-                fh.write(f"{os.getpid()}\n")
-                fh.flush()
-                held = fh
+            held, refused = _take_lock(out)
+        except OSError as e:  # read-only, permissions, quota: fail on every rank, not hang
+            refused = f"ddo_fast.train: cannot use out_dir {out}: {e!r}"
     if world > 1:
         box = [refused]
         torch.distributed.broadcast_object_list(box, src=0)

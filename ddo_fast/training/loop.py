@@ -416,9 +416,7 @@ def train(
         )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.out_dir) if cfg.out_dir else Path.cwd() / f"ddo-train-{stamp}"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    with checkpoint.out_dir_lock(out, rank, world):  # one live run per folder
+    with checkpoint.out_dir_lock(out, rank, world):  # creates out; one live run per folder
         where = (out, rank, world, device, owns_pg)
         return _train(model, real_data, adapter, cfg, sampler, fake_data, eval_fn, *where)
 
