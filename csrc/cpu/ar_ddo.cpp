@@ -5,6 +5,7 @@
 //             softmax recomputed from the saved statistics in the same pass that writes the grad.
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "loss_head.h"
 #include "token_logprobs.h"
 
@@ -47,11 +48,75 @@ at::Tensor ar_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
   return token_rows_backward(k, logits, targets, stats, ignore_index);
 }
 
+// Autograd for CPU tensors (autograd.h): the Python setup_context/backward of
+// ddo_fast/ops/ar_ddo.py in C++. Only `logits` gets a gradient; group_scale and stats are not
+// differentiable; grads are not materialised.
+using FwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, double, int64_t,
+    int64_t);
+using BwdSignature = at::Tensor(const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const at::Tensor&, double,
+                                double, int64_t, int64_t);
+
+struct ArDdoFunction : public torch::autograd::Function<ArDdoFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
+                               const at::Tensor& targets,
+                               const std::optional<at::Tensor>& ref_logprob,
+                               const std::optional<at::Tensor>& is_real,
+                               const std::optional<at::Tensor>& sample_weight, double alpha,
+                               double beta, int64_t ignore_index, int64_t reduction) {
+    static const auto fwd = typed_op<FwdSignature>("ddo_fast::ar_ddo_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, logratio, group_scale, stats] = fwd.call(
+        logits, targets, ref_logprob, is_real, sample_weight, alpha, beta, ignore_index, reduction);
+    ctx->mark_non_differentiable({group_scale, stats});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({logits, targets, stats, logratio, saved_optional(is_real),
+                            saved_optional(sample_weight), group_scale});
+    save_fused_params(ctx, is_real.has_value(), alpha, beta, reduction);
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return {out, logratio, group_scale, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = typed_op<BwdSignature>("ddo_fast::ar_ddo_bwd");
+    at::Tensor grad;
+    if (const auto upstream = fused_upstream(ctx, grads)) {
+      const variable_list s = ctx->get_saved_variables();
+      grad = bwd.call(upstream->first, upstream->second, s[0], s[1], s[2], s[3],
+                      restored_optional(s[4]), restored_optional(s[5]), s[6],
+                      ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),
+                      ctx->saved_data["ignore_index"].toInt(),
+                      ctx->saved_data["reduction"].toInt());
+    }
+    return first_input_grad(grad, 9);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ar_ddo_fwd_autograd(
+    const at::Tensor& logits, const at::Tensor& targets,
+    const std::optional<at::Tensor>& ref_logprob, const std::optional<at::Tensor>& is_real,
+    const std::optional<at::Tensor>& sample_weight, double alpha, double beta,
+    int64_t ignore_index, int64_t reduction) {
+  const variable_list out = ArDdoFunction::apply(logits, targets, ref_logprob, is_real,
+                                                 sample_weight, alpha, beta, ignore_index,
+                                                 reduction);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddo_fast, CPU, m) {
   m.impl("ar_ddo_fwd", &ar_ddo_fwd_cpu);
   m.impl("ar_ddo_bwd", &ar_ddo_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(ddo_fast, AutogradCPU, m) {
+  m.impl("ar_ddo_fwd", &ar_ddo_fwd_autograd);
 }
 
 }  // namespace ddo_fast

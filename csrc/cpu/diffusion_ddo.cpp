@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "autograd.h"
 #include "isa/dtype_index.h"
 #include "isa/kernels.h"
 #include "large_alloc.h"
@@ -136,11 +137,69 @@ at::Tensor diffusion_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
   return grad.view(pred.sizes());
 }
 
+// Autograd for CPU tensors (autograd.h): the Python setup_context/backward of
+// ddo_fast/ops/diffusion_ddo.py in C++. Only `pred` gets a gradient; group_scale is not
+// differentiable; grads are not materialised (an unused output costs nothing).
+using FwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, double, int64_t);
+using BwdSignature = at::Tensor(const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const at::Tensor&, double,
+                                double, int64_t);
+
+struct DiffusionDdoFunction : public torch::autograd::Function<DiffusionDdoFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred,
+                               const at::Tensor& pred_ref, const at::Tensor& target,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& is_real,
+                               const std::optional<at::Tensor>& sample_weight, double alpha,
+                               double beta, int64_t reduction) {
+    static const auto fwd = typed_op<FwdSignature>("ddo_fast::diffusion_ddo_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, logratio, group_scale] =
+        fwd.call(pred, pred_ref, target, weight, is_real, sample_weight, alpha, beta, reduction);
+    ctx->mark_non_differentiable({group_scale});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({pred, target, weight, logratio, saved_optional(is_real),
+                            saved_optional(sample_weight), group_scale});
+    save_fused_params(ctx, is_real.has_value(), alpha, beta, reduction);
+    return {out, logratio, group_scale};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = typed_op<BwdSignature>("ddo_fast::diffusion_ddo_bwd");
+    at::Tensor grad;
+    if (const auto upstream = fused_upstream(ctx, grads)) {
+      const variable_list s = ctx->get_saved_variables();
+      grad = bwd.call(upstream->first, upstream->second, s[0], s[1], s[2], s[3],
+                      restored_optional(s[4]), restored_optional(s[5]), s[6],
+                      ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),
+                      ctx->saved_data["reduction"].toInt());
+    }
+    return first_input_grad(grad, 9);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_ddo_fwd_autograd(
+    const at::Tensor& pred, const at::Tensor& pred_ref, const at::Tensor& target,
+    const at::Tensor& weight, const std::optional<at::Tensor>& is_real,
+    const std::optional<at::Tensor>& sample_weight, double alpha, double beta, int64_t reduction) {
+  const variable_list out = DiffusionDdoFunction::apply(pred, pred_ref, target, weight, is_real,
+                                                        sample_weight, alpha, beta, reduction);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddo_fast, CPU, m) {
   m.impl("diffusion_ddo_fwd", &diffusion_ddo_fwd_cpu);
   m.impl("diffusion_ddo_bwd", &diffusion_ddo_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(ddo_fast, AutogradCPU, m) {
+  m.impl("diffusion_ddo_fwd", &diffusion_ddo_fwd_autograd);
 }
 
 }  // namespace ddo_fast

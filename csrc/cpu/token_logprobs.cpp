@@ -12,6 +12,7 @@
 
 #include <vector>
 
+#include "autograd.h"
 #include "isa/dtype_index.h"
 #include "isa/kernels.h"
 #include "large_alloc.h"
@@ -120,11 +121,53 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad, const at::Tensor& logi
   return token_rows_backward(grad, logits, targets, stats, ignore_index);
 }
 
+// Autograd for CPU tensors (autograd.h): the Python setup_context/backward of
+// ddo_fast/ops/token_logprobs.py in C++. Only `logits` gets a gradient; stats is not
+// differentiable. The upstream gradient of logp is materialised (zeros when unused), as there.
+using FwdSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                             int64_t);
+using BwdSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, int64_t);
+
+struct TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
+                               const at::Tensor& targets, int64_t ignore_index) {
+    static const auto fwd = typed_op<FwdSignature>("ddo_fast::token_logprobs_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [logp, stats] = fwd.call(logits, targets, ignore_index);
+    ctx->mark_non_differentiable({stats});
+    ctx->save_for_backward({logits, targets, stats});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return {logp, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = typed_op<BwdSignature>("ddo_fast::token_logprobs_bwd");
+    at::Tensor grad;
+    if (ctx->needs_input_grad(0)) {
+      const variable_list s = ctx->get_saved_variables();
+      grad = bwd.call(grads[0], s[0], s[1], s[2], ctx->saved_data["ignore_index"].toInt());
+    }
+    return first_input_grad(grad, 3);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> token_logprobs_fwd_autograd(const at::Tensor& logits,
+                                                               const at::Tensor& targets,
+                                                               int64_t ignore_index) {
+  const variable_list out = TokenLogprobsFunction::apply(logits, targets, ignore_index);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddo_fast, CPU, m) {
   m.impl("token_logprobs_fwd", &token_logprobs_fwd_cpu);
   m.impl("token_logprobs_bwd", &token_logprobs_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(ddo_fast, AutogradCPU, m) {
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd_autograd);
 }
 
 }  // namespace ddo_fast
