@@ -266,7 +266,9 @@ def test_sharded_and_replicated_checkpoints_are_not_mixed_up(tmp_path, group):
 def test_a_live_run_holds_its_out_dir(tmp_path, group):
     """A run on a folder that another live run holds is refused before it reads or writes
     anything there (resumed beside a run that still writes, the two would interleave their
-    checkpoints and logs); train() lets go of the folder when it returns and when it raises."""
+    checkpoints and logs); train() lets go of the folder when it returns and when it raises
+    (here the lock file is unreferenced, so CPython would close it anyway: the release on the
+    raise path itself is tested in test_out_dir.py)."""
     model, data, adapter = ts.model_and_data("mlp", None)
     cfg = _cfg(tmp_path, rounds=1)
     with checkpoint.out_dir_lock(tmp_path, 0, 1):  # the other run (its own open file)

@@ -2,6 +2,7 @@
 (MLEControl / Adapter.mle_loss), the digits metrics (KID, precision/recall, memorisation, the
 data floor, the selection score), gains() and what run_seed hands to ddo_fast.train."""
 
+import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from ddo_fast.adapters import Adapter, CausalAR, EDMDenoiser, MLEControl
 from ddo_fast.examples import digits, digits_diffusion
-from ddo_fast.examples.protocol import stratified_split, write_results
+from ddo_fast.examples.protocol import LastEvaluated, stratified_split, write_results
 from ddo_fast.models import CausalTransformer, EDMPrecond, MLPDenoiser
 
 
@@ -165,6 +166,36 @@ def test_mle_control_delegates_and_the_default_mle_loss_names_the_class():
         MLEControl(Bare()).loss(model, model, (a, None), (a, None), {}, alpha=1.0, beta=1.0)
     with pytest.raises(TypeError, match="adapter"):
         MLEControl(model)
+
+
+def test_last_evaluated_keeps_the_final_step_ema_whatever_is_selected(tmp_path):
+    """LastEvaluated (the presets' mle_control_final stage): in a run whose selection keeps the
+    round's step 0, the wrapper passes the scores through and its .model is the final-step EMA,
+    the weights a run with select_best_by="last" returns, not the selected model."""
+    from ddo_fast import TrainConfig, train
+    from ddo_fast.examples.toy2d import EDMMLP, sample_data
+
+    torch.manual_seed(0)
+    model, data = EDMMLP(hidden=16), sample_data(64, torch.Generator().manual_seed(0))
+    base = dict(alpha=1.0, beta=1.0, lr=1e-2, batch_size=8, steps_per_round=4, rounds=1)
+    cfg = TrainConfig(**base, fake_samples_per_round=8, ema=0.5, eval_every=2, device="cpu")
+    scores: list[float] = []
+
+    def falling(m: torch.nn.Module) -> dict[str, float]:  # the first eval (step 0) is the best
+        scores.append(-len(scores))
+        return {"score": scores[-1]}
+
+    kept = LastEvaluated(falling)
+    assert kept.model is None
+    control = MLEControl(EDMDenoiser(sigma_data=1.0, steps=4))
+    sel_cfg = cfg.replace(out_dir=str(tmp_path / "sel"), select_best_by="max:score")
+    sel = train(copy.deepcopy(model), data, adapter=control, config=sel_cfg, eval_fn=kept)
+    last_cfg = cfg.replace(out_dir=str(tmp_path / "last"), select_best_by="last")
+    last = train(copy.deepcopy(model), data, adapter=control, config=last_cfg, eval_fn=falling)
+    assert sel.metrics[-1]["best_step_in_round"] == 0 and sel.metrics[-1]["score"] == 0
+    final, picked, want = (m.state_dict() for m in (kept.model, sel.model, last.model))
+    assert final.keys() == want.keys() and all(torch.equal(final[k], want[k]) for k in want)
+    assert not all(torch.equal(picked[k], want[k]) for k in want)
 
 
 # ---------------------------------------------------------------------------------- metrics

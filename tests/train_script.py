@@ -9,7 +9,8 @@ whose score depends on the rank), --distributed ddp|fsdp, --model mlp (EDM MLP, 
 blocks (CausalTransformer + CausalAR: FSDP units per block, KV-cache sampler) | fused (the
 same with the fused-linear loss on hidden states and the head weight, and LossOutput.stats),
 --chunk (the fused loss's chunk_size), --count-gathers (FSDP all-gathers per step into
-OUT/gathers-rank{R}.json, with the head weights the loss saw).
+OUT/gathers-rank{R}.json, with the head weights the loss saw), --expect-refused (a RuntimeError
+from train() is printed as "rank R refused, group up: BOOL: MESSAGE" and the rank exits 0).
 """
 
 import argparse
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--online", action="store_true", help="fresh fakes every step")
     p.add_argument("--count-gathers", action="store_true")
+    p.add_argument("--expect-refused", action="store_true")
     args = p.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(1)
@@ -200,7 +202,14 @@ def main() -> None:
 
         checkpoint.save_file = slow_save_file
     print("training", flush=True)
-    result = ddo_fast.train(model, data, adapter=adapter, config=cfg, eval_fn=eval_fn)
+    try:
+        result = ddo_fast.train(model, data, adapter=adapter, config=cfg, eval_fn=eval_fn)
+    except RuntimeError as e:
+        if not args.expect_refused:
+            raise
+        # each rank reports for itself: torchrun's agent would stop the others at a failure
+        print(f"rank {rank} refused, group up: {dist.is_initialized()}: {e}", flush=True)
+        return
     out = Path(args.out)
     weights = fsdp.full_state_dict(result.model)  # gathered on rank 0 when sharded
     if args.all_ranks:

@@ -117,20 +117,44 @@ class CausalAR(Adapter):
             if uncond is not None:
                 ref_lp = torch.where(uncond, ref_logprob[:, 1], ref_lp)
         logits = model(tokens, labels)
+        is_real = pair_mask(batch, tokens.device)
+        loss, r = self.sequence_loss(logits, tokens, ref_lp, is_real, weight, alpha, beta)
+        return LossOutput(loss, r.detach())
+
+    def sequence_loss(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        ref_lp: torch.Tensor,
+        is_real: torch.Tensor,
+        weight: torch.Tensor | None,
+        alpha: float,
+        beta: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, r [N]) of N [real; fake] rows (``is_real`` [N] bool) from theta's ``logits``
+        [N, L, V] with the fused :func:`~ddo_fast.ar_ddo_loss`: r_b = sum_i log
+        softmax(z_theta)[y_bi] - ``ref_lp``_b and Eq. 13 with the sample weights w = ``weight``
+        [N] (None: 1), L = -mean_real w_b log sigma(beta r_b) - alpha mean_fake w_b log
+        sigma(-beta r_b) in fp32, then :meth:`alpha_normalized`."""
         loss, r = ar_ddo_loss(
             logits,
             tokens,
             ref_lp,
-            pair_mask(batch, tokens.device),
+            is_real,
             alpha=alpha,
             beta=beta,
             sample_weight=weight,
             return_logratio=True,
             backend=self.backend,
         )
-        if self.normalize_alpha:
-            loss = loss / max(alpha, 1.0)
-        return LossOutput(loss, r.detach())
+        return self.alpha_normalized(loss, alpha), r
+
+    def alpha_normalized(self, loss: torch.Tensor, alpha: float) -> torch.Tensor:
+        """L / max(alpha, 1) with ``normalize_alpha`` (the official VAR recipe), else L: the
+        largest row weight, alpha on fake rows and max(alpha, 1) on null-label real rows
+        (:func:`null_label_weights`), becomes 1, so the loss's scale, and the step a given lr
+        makes, does not grow with alpha."""
+        return loss / max(alpha, 1.0) if self.normalize_alpha else loss
 
     def mle_loss(self, model, real, noise) -> torch.Tensor:
         """Next-token cross-entropy of the real batch, mean over rows and tokens (nats/token):

@@ -7,7 +7,8 @@ softmax(z_theta)[y_i] - sum_i log softmax(z_ref)[y_i] over all L tokens, guidanc
 ref, classifier-free-guidance (null-label) rows drawn per pair by the adapter with the weights of
 :func:`~ddo_fast.adapters.causal_ar.null_label_weights` (fake side 0, real side max(alpha, 1)),
 the loss divided by max(alpha, 1). Everything that is not VAR-specific is
-:class:`~ddo_fast.adapters.CausalAR`'s (the null-mask draw, the null-row weights, ``mle_loss``).
+:class:`~ddo_fast.adapters.CausalAR`'s (the null-mask draw, the null-row weights, the fused loss
+and its max(alpha, 1) division, ``mle_loss``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..models.quantizer import check_patch_nums
 from ..models.var import cfg_ramp, guide, sample_tokens
-from ..ops import ar_ddo_loss, ddo_loss, token_logprobs
+from ..ops import ddo_loss, token_logprobs
 from .base import LossOutput, batched, pair_mask
 from .causal_ar import CausalAR
 
@@ -136,25 +137,14 @@ class VAR(CausalAR):
             loss = ddo_loss(
                 r, is_real, alpha=alpha, beta=beta, sample_weight=weight, backend=self.backend
             )
+            loss = self.alpha_normalized(loss, alpha)
             r_s = (theta_s - ref_s).detach()
             stats = {}
             for k in range(s):
                 stats[f"r_real_s{k}"] = r_s[:batch, k].mean()
                 stats[f"r_fake_s{k}"] = r_s[batch:, k].mean()
         else:
-            loss, r = ar_ddo_loss(
-                logits,
-                tokens,
-                ref_lp,
-                is_real,
-                alpha=alpha,
-                beta=beta,
-                sample_weight=weight,
-                return_logratio=True,
-                backend=self.backend,
-            )
-        if self.normalize_alpha:
-            loss = loss / max(alpha, 1.0)
+            loss, r = self.sequence_loss(logits, tokens, ref_lp, is_real, weight, alpha, beta)
         r = r.detach()
         if self.check_first_step and not self._checked:
             self._first_step_check(model, ref, r, ref_lp)

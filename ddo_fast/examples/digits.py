@@ -48,7 +48,7 @@ from .._backend import resolve_backend
 from ..adapters import Adapter, MLEControl
 from ..training import TrainConfig
 from ..training.data import generator
-from .protocol import stratified_split, write_results
+from .protocol import LastEvaluated, stratified_split, write_results
 
 EVAL_SAMPLES = 1800  # 180 per class: the class balance the paper stresses
 CLASSIFIER_FIT_FRAC = 0.8  # share of the train part the feature classifier trains on
@@ -421,13 +421,7 @@ def run_seed(
     run["ddo"]["best_step"] = res.metrics[-1]["best_step_in_round"]
     print(f"  ddo {_line(run['ddo'])}")
     if control:
-        last: dict[str, nn.Module] = {}
-
-        def select_control(model: nn.Module) -> dict[str, float]:
-            # the loop evaluates at its last step too: what is kept is the final-step EMA
-            last["model"] = copy.deepcopy(model)
-            return select(model)
-
+        select_control = LastEvaluated(select)  # .model: the control's final-step EMA
         ctrl = train(
             copy.deepcopy(s.model),
             s.data,
@@ -437,7 +431,9 @@ def run_seed(
         )
         run["mle_control"], _ = _evaluate(metrics, s.generate, ctrl.model, seed, floor)
         run["mle_control"]["best_step"] = ctrl.metrics[-1]["best_step_in_round"]
-        run["mle_control_final"], _ = _evaluate(metrics, s.generate, last["model"], seed, floor)
+        run["mle_control_final"], _ = _evaluate(
+            metrics, s.generate, select_control.model, seed, floor
+        )
         print(f"  mle_control {_line(run['mle_control'])}")
         run["gain"] = gains(run)
         for key, what in (("control_fd_change", "selected"), ("control_final_fd_change", "final")):

@@ -1,5 +1,6 @@
 """The evaluation protocol every example preset shares: a seeded stratified split of the data,
-and the results files (``results.json`` + ``results.md``) with per-seed runs and their summary.
+the MLE control's final-step model (:class:`LastEvaluated`), and the results files
+(``results.json`` + ``results.md``) with per-seed runs and their summary.
 
 A run dict (one seed) is ``{"seed", "data_floor": {...}, "baseline": {...}, "mle_control":
 {...}, "ddo": {...}, "config": {...}, "seconds"}``; extra stages are allowed. Every dict-valued
@@ -9,13 +10,16 @@ fd_excess, kid, pixel_fd, precision, recall, class_acc, memorised; tiny-lm: exac
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 NOT_STAGES = ("config",)
 
@@ -41,6 +45,23 @@ def stratified_split(
         train.append(idx[:cut])
         held.append(idx[cut:])
     return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+class LastEvaluated:
+    """An ``eval_fn`` for :func:`~ddo_fast.train` that scores with ``eval_fn`` and keeps a deep
+    copy of the model it was last given in ``.model`` (None before the first call). train()
+    evaluates at the last step of every round too, so after a run ``.model`` is the final-step
+    model (its EMA when ``TrainConfig.ema`` is set), whichever checkpoint the selection kept:
+    the presets' ``mle_control_final`` stage (the converged-baseline check at the control's
+    last step, since its selection may keep step 0)."""
+
+    def __init__(self, eval_fn: Callable[[nn.Module], Any]) -> None:
+        self.eval_fn = eval_fn
+        self.model: nn.Module | None = None
+
+    def __call__(self, model: nn.Module) -> Any:
+        self.model = copy.deepcopy(model)
+        return self.eval_fn(model)
 
 
 def _is_metric(v: Any) -> bool:

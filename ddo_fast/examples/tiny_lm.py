@@ -35,7 +35,7 @@ from ..training import TrainConfig, train
 from ..training.data import generator
 from .presets import preset_runner
 from .pretrain import cached_pretrain, cosine_decay, fit
-from .protocol import stratified_split, write_results
+from .protocol import LastEvaluated, stratified_split, write_results
 
 PLUS, EQUALS, EOS, PAD, BOS = 10, 11, 12, 13, 14
 VOCAB = 15
@@ -231,13 +231,7 @@ def run_seed(
     result["baseline"] = metrics(adapter, model, task, seed, samples)
     print(f"seed {seed} baseline: {result['baseline']}")
     base_dir = Path(cfg.out_dir or out / "ddo")
-    last: dict[str, nn.Module] = {}
-
-    def select_control(m: nn.Module) -> dict[str, float]:
-        # the loop evaluates at its last step too: what is kept last is the final-step EMA
-        last["model"] = copy.deepcopy(m)
-        return select(m)
-
+    select_control = LastEvaluated(select)  # .model: the control's final-step EMA
     stages = [("ddo", adapter, select)]
     stages += [("mle_control", MLEControl(adapter), select_control)] if control else []
     for stage, a, eval_fn in stages:
@@ -248,7 +242,7 @@ def run_seed(
         result[stage]["best_step"] = res.metrics[-1]["best_step_in_round"]
         print(f"seed {seed} {stage}: {result[stage]}")
     if control:
-        result["mle_control_final"] = metrics(adapter, last["model"], task, seed, samples)
+        result["mle_control_final"] = metrics(adapter, select_control.model, task, seed, samples)
         print(f"seed {seed} mle_control_final: {result['mle_control_final']}")
         result["gain"] = gains(result)
         result["converged"] = converged(result)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -150,10 +151,25 @@ def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, An
     return weights, upgrade(meta, weights)
 
 
+def new_out_dir(parent: Path) -> Path:
+    """Creates and returns a folder of its own under ``parent`` for a run without ``out_dir``:
+    ``ddo-train-YYYYmmdd-HHMMSS``, or with ``-2``, ``-3``... appended when that name exists.
+    ``mkdir`` without ``exist_ok`` is atomic, so two runs started in the same second (in one
+    process or several) never get the same folder, and no earlier folder is reused."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = parent / f"ddo-train-{stamp}", 1
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:  # taken, by a live run or an earlier one: the next suffix
+            n += 1
+            folder = parent / f"ddo-train-{stamp}-{n}"
+
+
 def _take_lock(out: Path) -> tuple[Any, str]:
-    """Rank 0's half of :func:`out_dir_lock`: creates ``out`` and takes the flock. Returns
-    (the open lock file or None, the refusal message or "")."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Rank 0's half of :func:`out_dir_lock`: takes the flock on the existing folder ``out``.
+    Returns (the open lock file or None, the refusal message or "")."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): no guard
@@ -187,28 +203,36 @@ def _take_lock(out: Path) -> tuple[Any, str]:
 
 
 @contextmanager
-def out_dir_lock(out: Path, rank: int, world: int) -> Iterator[None]:
-    """Creates ``out`` (rank 0) and holds ``<out>/.lock`` (an exclusive, non-blocking ``flock``
-    taken by rank 0; the kernel drops it when the holder exits, SIGKILL included) for the
-    duration; raises ``RuntimeError`` on every rank when another live process holds it or rank 0
-    cannot create or open the folder. A collective when ``world > 1``: rank 0 always reaches the
-    broadcast of its verdict, so that all ranks raise together instead of some waiting in it.
-    Where ``flock`` does not exist (Windows) or the file system refuses it (warned), there is no
-    guard."""
+def out_dir_lock(out: Path | None, rank: int, world: int) -> Iterator[Path]:
+    """Creates the run's folder (rank 0: ``out``, or with ``out`` None a fresh one in the
+    working directory, :func:`new_out_dir`) and holds ``<folder>/.lock`` (an exclusive,
+    non-blocking ``flock`` taken by rank 0; the kernel drops it when the holder exits, SIGKILL
+    included) for the duration; yields the folder, the same on every rank. Raises
+    ``RuntimeError`` on every rank when another live process holds it or rank 0 cannot create
+    or open the folder. A collective when ``world > 1``: rank 0 always reaches the broadcast of
+    (folder, verdict), so that all ranks raise together instead of some waiting in it. The lock
+    is released on every exit, a raise included. Where ``flock`` does not exist (Windows) or the
+    file system refuses it (warned), there is no guard."""
     held, refused = None, ""
     if rank == 0:
         try:
+            if out is None:
+                out = new_out_dir(Path.cwd())
+            else:
+                out.mkdir(parents=True, exist_ok=True)
             held, refused = _take_lock(out)
         except OSError as e:  # read-only, permissions, quota: fail on every rank, not hang
-            refused = f"ddo_fast.train: cannot use out_dir {out}: {e!r}"
+            where = out if out is not None else "None (a new folder in the working directory)"
+            refused = f"ddo_fast.train: cannot use out_dir {where}: {e!r}"
     if world > 1:
-        box = [refused]
+        box = [None if out is None else str(out), refused]
         torch.distributed.broadcast_object_list(box, src=0)
-        refused = box[0]
+        out, refused = None if box[0] is None else Path(box[0]), box[1]
     if refused:
         raise RuntimeError(refused)
+    assert out is not None  # rank 0 made it, or it came with the verdict
     try:
-        yield
+        yield out
     finally:
         if held is not None:
             held.close()  # closing the file releases the flock

@@ -388,8 +388,9 @@ def train(
 
     With ``config.distributed == "fsdp"`` the model is sharded in place with FSDP2
     (:mod:`~ddo_fast.training.fsdp`): ``result.model`` is then the sharded module, the process
-    group is left up so that it stays usable (``fsdp.full_state_dict(result.model)`` gathers
-    its weights on rank 0), and the caller ends it (``dist.destroy_process_group()``).
+    group is left up when train() returns so that it stays usable
+    (``fsdp.full_state_dict(result.model)`` gathers its weights on rank 0), and the caller ends
+    it (``dist.destroy_process_group()``).
 
     Args:
         model: the pretrained model; the frozen reference is a deep copy of it. Under "fsdp",
@@ -405,20 +406,29 @@ def train(
         eval_fn: ``eval_fn(model) -> float | dict``; drives best-checkpoint selection.
 
     Raises ``RuntimeError`` when another live run holds ``out_dir``
-    (:func:`~ddo_fast.training.checkpoint.out_dir_lock`).
+    (:func:`~ddo_fast.training.checkpoint.out_dir_lock`; under torchrun on every rank). When it
+    raises, at start or mid-run, the out_dir lock is released and a process group that train()
+    started is destroyed (one the caller started is left up). ``out_dir`` None: a new folder
+    in the working directory (:func:`~ddo_fast.training.checkpoint.new_out_dir`).
     """
     cfg = config
     # ---------------------------------------------------------------- placement and folders
     rank, world, device, owns_pg = setup_distributed(cfg.device, cfg.distributed)
-    if cfg.batch_size % world:
-        raise ValueError(
-            f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over {world} ranks"
-        )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(cfg.out_dir) if cfg.out_dir else Path.cwd() / f"ddo-train-{stamp}"
-    with checkpoint.out_dir_lock(out, rank, world):  # creates out; one live run per folder
-        where = (out, rank, world, device, owns_pg)
-        return _train(model, real_data, adapter, cfg, sampler, fake_data, eval_fn, *where)
+    try:
+        if cfg.batch_size % world:
+            raise ValueError(
+                f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over {world} ranks"
+            )
+        asked = Path(cfg.out_dir) if cfg.out_dir else None  # None: a new folder (rank 0's)
+        with checkpoint.out_dir_lock(asked, rank, world) as out:  # one live run per folder
+            where = (out, rank, world, device, owns_pg)
+            return _train(model, real_data, adapter, cfg, sampler, fake_data, eval_fn, *where)
+    except BaseException:
+        # the group train() started ends with it (left to the interpreter's exit, gloo may
+        # abort); no barrier: the other ranks may not reach one. A caller's group is theirs.
+        if owns_pg and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
 
 
 def _train(
