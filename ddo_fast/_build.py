@@ -44,9 +44,7 @@ def sources(root: Path) -> list[Path]:
 
 def package_files(root: Path) -> list[Path]:
     """Every file the JIT build reads (sources and headers), relative to ``root``."""
-    return sorted(
-        p.relative_to(root) for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu")
-    )
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu"))
 
 
 def cxx_flags(debug: bool | None = None) -> list[str]:

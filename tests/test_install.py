@@ -86,14 +86,21 @@ def test_pure_wheel_compiles_on_first_call(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DDO_FAST_")}
 
     # 1. The wheel: pure Python (py3-none-any), the C++ sources and the Triton kernels inside.
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."], src,
-         env)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."],
+        src,
+        env,
+    )
     (wheel,) = tmp_path.glob("ddo_fast-*.whl")
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("ddo_fast/csrc/ops.cpp", "ddo_fast/csrc/cpu/isa/avx512.cpp",
-                   "ddo_fast/csrc/cpu/vec_math.h", "ddo_fast/kernels/__init__.py",
-                   "ddo_fast/_library.py"):
+    for needed in (
+        "ddo_fast/csrc/ops.cpp",
+        "ddo_fast/csrc/cpu/isa/avx512.cpp",
+        "ddo_fast/csrc/cpu/vec_math.h",
+        "ddo_fast/kernels/__init__.py",
+        "ddo_fast/_library.py",
+    ):
         assert needed in names, needed
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
 
@@ -103,17 +110,35 @@ def test_pure_wheel_compiles_on_first_call(tmp_path):
     py = venv / "bin" / "python"
     (child_site,) = (venv / "lib").glob("python*/site-packages")
     (child_site / "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q",
-          str(wheel)], tmp_path, env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-deps",
+            "-q",
+            str(wheel),
+        ],
+        tmp_path,
+        env,
+    )
 
     # 3. No compiler: a clear error at the first call (nothing compiled, nothing cached).
     work = tmp_path / "work"
     work.mkdir()
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
     torch.save(_inputs(), work / "in.pt")
-    bad = subprocess.run([str(py), "-c", CHILD, "in.pt", "out.pt"], cwd=work,
-                         env={**env, "CXX": "/nonexistent/g++"}, capture_output=True, text=True,
-                         timeout=300)
+    bad = subprocess.run(
+        [str(py), "-c", CHILD, "in.pt", "out.pt"],
+        cwd=work,
+        env={**env, "CXX": "/nonexistent/g++"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "no C++ compiler was found" in bad.stderr, bad.stderr[-2000:]
 
     # 4. First call compiles (one progress line), the second process reuses the cache.

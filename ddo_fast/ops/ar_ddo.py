@@ -54,8 +54,12 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 
 SPEC = register_op(
-    "ar_ddo", fake_fwd=_fwd_fake, fake_bwd=_bwd_fake, setup_context=_setup_context,
-    backward=fused_loss_backward, triton=_triton.ar_ddo
+    "ar_ddo",
+    fake_fwd=_fwd_fake,
+    fake_bwd=_bwd_fake,
+    setup_context=_setup_context,
+    backward=fused_loss_backward,
+    triton=_triton.ar_ddo,
 )
 
 

@@ -49,8 +49,12 @@ def _backward(bwd: Any, ctx: Any, grad_out: torch.Tensor, _grad_group_scale: Any
 
 
 SPEC = register_op(
-    "ddo_loss", fake_fwd=_fwd_fake, fake_bwd=_bwd_fake, setup_context=_setup_context,
-    backward=_backward, triton=_triton.ddo_loss
+    "ddo_loss",
+    fake_fwd=_fwd_fake,
+    fake_bwd=_bwd_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    triton=_triton.ddo_loss,
 )
 
 

@@ -49,8 +49,12 @@ def _backward(bwd: Any, ctx: Any, grad: torch.Tensor, _grad_stats: Any) -> tuple
 
 
 SPEC = register_op(
-    "token_logprobs", fake_fwd=_fwd_fake, fake_bwd=_bwd_fake, setup_context=_setup_context,
-    backward=_backward, triton=_triton.token_logprobs
+    "token_logprobs",
+    fake_fwd=_fwd_fake,
+    fake_bwd=_bwd_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    triton=_triton.token_logprobs,
 )
 
 
