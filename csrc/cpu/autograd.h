@@ -64,6 +64,20 @@ inline std::optional<FusedUpstream> fused_upstream(AutogradContext* ctx,
   return FusedUpstream{std::move(grad_out), restored_optional(grads[1])};
 }
 
+// Calls a fused op's backward operator: the upstream gradients, the tensors in the order both
+// fused Functions save them (the `_bwd` schema's: four op-specific tensors, is_real,
+// sample_weight, group_scale), then alpha, beta, the op's own scalars `extra` and reduction.
+template <class Signature, class... Extra>
+at::Tensor call_fused_backward(const c10::TypedOperatorHandle<Signature>& bwd,
+                               AutogradContext* ctx, const FusedUpstream& upstream,
+                               Extra... extra) {
+  const variable_list s = ctx->get_saved_variables();
+  return bwd.call(upstream.first, upstream.second, s[0], s[1], s[2], s[3],
+                  restored_optional(s[4]), restored_optional(s[5]), s[6],
+                  ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),
+                  extra..., ctx->saved_data["reduction"].toInt());
+}
+
 // The backward's result: `grad` for the first forward argument, none for the other n - 1
 // (C++ Functions return one entry per forward argument, tensors or not).
 inline variable_list first_input_grad(at::Tensor grad, size_t n) {

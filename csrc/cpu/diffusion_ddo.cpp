@@ -172,11 +172,7 @@ struct DiffusionDdoFunction : public torch::autograd::Function<DiffusionDdoFunct
     static const auto bwd = typed_op<BwdSignature>("ddo_fast::diffusion_ddo_bwd");
     at::Tensor grad;
     if (const auto upstream = fused_upstream(ctx, grads)) {
-      const variable_list s = ctx->get_saved_variables();
-      grad = bwd.call(upstream->first, upstream->second, s[0], s[1], s[2], s[3],
-                      restored_optional(s[4]), restored_optional(s[5]), s[6],
-                      ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),
-                      ctx->saved_data["reduction"].toInt());
+      grad = call_fused_backward(bwd, ctx, *upstream);
     }
     return first_input_grad(grad, 9);
   }
