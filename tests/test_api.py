@@ -10,6 +10,7 @@ import torch
 from utils import HAS_CUDA, rand_mask
 
 import ddo_fast
+from ddo_fast import reference
 from ddo_fast._reduction import Reduction
 
 MEAN, NONE = int(Reduction.MEAN), int(Reduction.NONE)  # the schemas' `int reduction`
@@ -32,6 +33,23 @@ def _ar_args(batch=3, device="cpu"):
     return logits, targets, torch.randn(batch, device=device) - 9, rand_mask(batch, device)
 
 
+def _graph_nodes(out):
+    """Every autograd node behind ``out`` (as 'type name' strings)."""
+    seen, stack, names = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(f"{type(node).__name__} {node.name()}")
+        stack.extend(f for f, _ in node.next_functions)
+    return names
+
+
+def _is_ddo_fast_node(name):
+    return "ddo_fast" in name or "CppFunction" in name or "CppNode" in name
+
+
 # ------------------------------------------------------------------------------- backends
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="backend"):
@@ -52,7 +70,9 @@ def test_env_var_selects_backend(monkeypatch):
     assert ddo_fast.ddo_loss(*meta).device.type == "meta"
     r = torch.zeros(2, requires_grad=True)
     out = ddo_fast.ddo_loss(r, torch.tensor([True, False]))
-    assert not type(out.grad_fn).__name__.startswith("GeneratedBackwardFor_ddo_fast")
+    # no node of the graph is one of our operators' (Python: GeneratedBackwardFor_ddo_fast...,
+    # C++ on CPU: CppFunction / CppNode<ddo_fast::...>)
+    assert not any(_is_ddo_fast_node(n) for n in _graph_nodes(out)), list(_graph_nodes(out))
     # r = 0: each group's mean loss is -logsigmoid(0) = log 2
     torch.testing.assert_close(out, torch.tensor(2 * math.log(2.0)))
 
@@ -228,8 +248,10 @@ def test_opcheck(device):
 )
 def test_cpu_autograd_is_cpp(stem, call):
     """CPU tensors take the C++ autograd of csrc/cpu/<stem>.cpp (dispatch key AutogradCPU; the
-    Python one torch.library builds costs ~100 us more per forward+backward), not the Python
-    autograd that CUDA tensors keep; the float64 oracle tests check the gradients of both."""
+    Python one torch.library builds costs ~40-70 us more per forward+backward), not the Python
+    autograd that CUDA tensors keep; the float64 oracle tests check the gradients of both. (This
+    test checks which autograd runs, not its gradients.)"""
+    ddo_fast._library.load_ops()  # a JIT build registers the kernels on first use
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ddo_fast::{stem}_fwd", "AutogradCPU")
     r = torch.randn(4, requires_grad=True)
     args = {"r": r, "is_real": torch.tensor([True, False, True, False])}
@@ -238,6 +260,94 @@ def test_cpu_autograd_is_cpp(stem, call):
     out = call(args)
     assert type(out.grad_fn).__name__ == "CppFunction"
     assert "Function>" in out.grad_fn.name()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("use", ["both", "r"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("op", ["diffusion", "ar"])
+def test_both_outputs_of_one_fused_call_carry_gradients(op, reduction, use, backend):
+    """The loss and r of ONE call (return_logratio=True) in the objective: the backward gets
+    d out and d r at once ("both"), or only d r although a loss was computed ("r"); against the
+    float64 oracle, on the C++ autograd (cpp) and the Python one (triton, interpreted)."""
+    g = torch.Generator().manual_seed(0)
+    is_real = torch.tensor([True, False, True, True, False])
+    sw = torch.rand(5, generator=g)
+    kw = dict(alpha=0.7, beta=1.3, reduction=reduction)
+    if op == "diffusion":
+        x = torch.randn(5, 3, 7, generator=g, requires_grad=True)
+        ref, tgt, w = torch.randn(5, 3, 7, generator=g), torch.randn(5, 3, 7), torch.rand(5)
+        out, r = ddo_fast.diffusion_ddo_loss(
+            x, ref, tgt, w, is_real, sample_weight=sw, backend=backend, return_logratio=True, **kw
+        )
+        x64 = x.detach().double().requires_grad_()
+        r64 = reference.diffusion_logratio_ref(x64, ref.double(), tgt.double(), w.double())
+    else:
+        x = torch.randn(5, 4, 9, generator=g, requires_grad=True)
+        t, ref = torch.randint(0, 9, (5, 4), generator=g), torch.randn(5, generator=g) - 9
+        out, r = ddo_fast.ar_ddo_loss(
+            x, t, ref, is_real, sample_weight=sw, backend=backend, return_logratio=True, **kw
+        )
+        x64 = x.detach().double().requires_grad_()
+        r64 = reference.sequence_logprob_ref(x64, t) - ref.double()
+    out64 = reference.ddo_loss_ref(r64, is_real, sample_weight=sw.double(), **kw)
+    up_out = torch.randn(out.shape, generator=g) if use == "both" else torch.zeros(out.shape)
+    up_r = torch.randn(5, generator=g)
+    objective = (r * up_r).sum() + ((out * up_out).sum() if use == "both" else 0)
+    objective64 = (r64 * up_r.double()).sum() + (out64 * up_out.double()).sum()
+    (grad,) = torch.autograd.grad(objective, x)
+    (grad64,) = torch.autograd.grad(objective64, x64)
+    torch.testing.assert_close(
+        grad.double(), grad64, rtol=1e-4, atol=1e-5 * grad64.abs().max().item()
+    )
+
+
+def _compiled_autograd_cases():
+    """(name, leaf, loss(leaf)) per operator, on CPU."""
+    is_real = torch.tensor([True, False, True, False])
+    pred, pred_ref, target, weight, is_real4 = _diffusion_args(device="cpu")
+    logits, targets, ref, is_real3 = _ar_args(device="cpu")
+    return {
+        "ddo_loss": (torch.randn(4), lambda r: ddo_fast.ddo_loss(r, is_real)),
+        "diffusion_ddo": (
+            pred.detach(),
+            lambda x: ddo_fast.diffusion_ddo_loss(x, pred_ref, target, weight, is_real4),
+        ),
+        "ar_ddo": (logits.detach(), lambda x: ddo_fast.ar_ddo_loss(x, targets, ref, is_real3)),
+        "token_logprobs": (logits.detach(), lambda x: ddo_fast.token_logprobs(x, targets).sum()),
+    }
+
+
+@pytest.mark.parametrize("name", ["ddo_loss", "diffusion_ddo", "ar_ddo", "token_logprobs"])
+def test_compiled_autograd_on_cpu(name):
+    """torch's compiled autograd over the CPU backward equals the eager backward (the C++
+    Functions return group_scale/stats detached instead of marking them non-differentiable,
+    which compiled autograd refuses)."""
+    from torch._dynamo import compiled_autograd
+
+    source, loss_of = _compiled_autograd_cases()[name]
+    grads = []
+    for compiled in (False, True):
+        leaf = source.clone().requires_grad_()
+        loss = loss_of(leaf)
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append(leaf.grad)
+    assert grads[0] is not None
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_forward_mode_ad_is_refused_on_cpu():
+    """No jvp is defined for the ops: forward-mode AD raises (never a None or zero tangent)."""
+    import torch.autograd.forward_ad as fw_ad
+
+    is_real = torch.tensor([True, False, True, False])
+    with fw_ad.dual_level(), pytest.raises(RuntimeError, match="jvp|forward"):
+        dual = fw_ad.make_dual(torch.randn(4), torch.ones(4))
+        fw_ad.unpack_dual(ddo_fast.ddo_loss(dual, is_real, backend="cpp")).tangent.sum()
 
 
 @pytest.mark.parametrize("device", DEVICES)

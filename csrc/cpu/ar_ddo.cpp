@@ -49,8 +49,8 @@ at::Tensor ar_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
 }
 
 // Autograd for CPU tensors (autograd.h): the Python setup_context/backward of
-// ddo_fast/ops/ar_ddo.py in C++. Only `logits` gets a gradient; group_scale and stats are not
-// differentiable; grads are not materialised.
+// ddo_fast/ops/ar_ddo.py in C++. Only `logits` gets a gradient; group_scale and stats are returned
+// detached (not differentiable, see autograd.h); grads are not materialised.
 using FwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, double, int64_t,
@@ -73,7 +73,6 @@ struct ArDdoFunction : public torch::autograd::Function<ArDdoFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, logratio, group_scale, stats] = fwd.call(
         logits, targets, ref_logprob, is_real, sample_weight, alpha, beta, ignore_index, reduction);
-    ctx->mark_non_differentiable({group_scale, stats});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({logits, targets, stats, logratio, saved_optional(is_real),
                             saved_optional(sample_weight), group_scale});
@@ -100,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ar_ddo_fwd_autograd(
   const variable_list out = ArDdoFunction::apply(logits, targets, ref_logprob, is_real,
                                                  sample_weight, alpha, beta, ignore_index,
                                                  reduction);
-  return {out[0], out[1], out[2], out[3]};
+  return {out[0], out[1], out[2].detach(), out[3].detach()};
 }
 
 }  // namespace

@@ -1,13 +1,22 @@
 // C++ autograd of the CPU kernels (dispatch key AutogradCPU), shared pieces.
 //
 // Why C++: the autograd torch.library.register_autograd builds from ddo_fast/ops/*.py runs one
-// Python autograd.Function per call; on CPU that hop cost ~35 us per forward and ~60 us per
-// backward here (AMD EPYC, torch 2.13), about a sixth of a [64, 4, 64, 64] diffusion call. A
+// Python autograd.Function per call; on CPU that hop cost 40-70 us per fused forward+backward
+// here (AMD EPYC, torch 2.13; diffusion 168-193 -> 111-124 us at a tiny size, A/B in one
+// session), about a tenth of a [64, 4, 64, 64] diffusion call. A
 // kernel registered for AutogradCPU takes precedence over that alias-key (Autograd) registration
 // for CPU tensors only: CUDA tensors keep the Python autograd (their Triton kernels are launched
 // from Python anyway). Each op's Function saves the same tensors and calls its `_bwd` operator
 // with the same arguments as its Python setup_context/backward (ddo_fast/ops/<stem>.py), and
 // the tests check both against the float64 oracle.
+//
+// Outputs without a gradient (group_scale, stats) are returned detached by each op's autograd
+// kernel rather than marked with ctx->mark_non_differentiable: torch's compiled autograd
+// (torch._dynamo compiled_autograd) asserts that a C++ Function marked none (torch 2.13,
+// custom_function.h), and a detached output is equally not differentiable.
+//
+// Forward-mode AD (jvp) is not defined: C++ Functions refuse it with an error (the Python
+// autograd on CUDA has no jvp either).
 //
 // Each Function's forward redispatches below autograd (AutoDispatchBelowADInplaceOrView; without
 // it the call would land in this kernel again) through the dispatcher, so profilers, fake tensors

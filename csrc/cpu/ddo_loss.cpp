@@ -32,8 +32,9 @@ at::Tensor ddo_loss_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& lograt
 }
 
 // Autograd for CPU tensors (autograd.h): the Python setup_context/backward of
-// ddo_fast/ops/ddo_loss.py in C++. Only `logratio` gets a gradient; group_scale is not
-// differentiable. The upstream gradient is materialised, as there.
+// ddo_fast/ops/ddo_loss.py in C++. Only `logratio` gets a gradient; group_scale is returned
+// detached (not differentiable, see autograd.h). The node's one differentiable output is the
+// loss, so its upstream gradient is defined whenever the backward runs.
 using FwdSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                         const std::optional<at::Tensor>&, double,
                                                         double, int64_t);
@@ -49,7 +50,7 @@ struct DdoLossFunction : public torch::autograd::Function<DdoLossFunction> {
     static const auto fwd = typed_op<FwdSignature>("ddo_fast::ddo_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, group_scale] = fwd.call(logratio, is_real, sample_weight, alpha, beta, reduction);
-    ctx->mark_non_differentiable({group_scale});
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({logratio, is_real, saved_optional(sample_weight), group_scale});
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["beta"] = beta;
@@ -60,7 +61,7 @@ struct DdoLossFunction : public torch::autograd::Function<DdoLossFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = typed_op<BwdSignature>("ddo_fast::ddo_loss_bwd");
     at::Tensor grad;
-    if (ctx->needs_input_grad(0)) {
+    if (ctx->needs_input_grad(0) && grads[0].defined()) {
       const variable_list s = ctx->get_saved_variables();
       grad = bwd.call(grads[0], s[0], s[1], restored_optional(s[2]), s[3],
                       ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),
@@ -75,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> ddo_loss_fwd_autograd(
     const std::optional<at::Tensor>& sample_weight, double alpha, double beta, int64_t reduction) {
   const variable_list out =
       DdoLossFunction::apply(logratio, is_real, sample_weight, alpha, beta, reduction);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};
 }
 
 }  // namespace

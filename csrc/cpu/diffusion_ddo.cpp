@@ -138,8 +138,9 @@ at::Tensor diffusion_ddo_bwd_cpu(const std::optional<at::Tensor>& grad_out,
 }
 
 // Autograd for CPU tensors (autograd.h): the Python setup_context/backward of
-// ddo_fast/ops/diffusion_ddo.py in C++. Only `pred` gets a gradient; group_scale is not
-// differentiable; grads are not materialised (an unused output costs nothing).
+// ddo_fast/ops/diffusion_ddo.py in C++. Only `pred` gets a gradient; group_scale is returned
+// detached (not differentiable, see autograd.h); grads are not materialised (an unused output
+// costs nothing).
 using FwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, double, int64_t);
@@ -160,7 +161,6 @@ struct DiffusionDdoFunction : public torch::autograd::Function<DiffusionDdoFunct
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, logratio, group_scale] =
         fwd.call(pred, pred_ref, target, weight, is_real, sample_weight, alpha, beta, reduction);
-    ctx->mark_non_differentiable({group_scale});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({pred, target, weight, logratio, saved_optional(is_real),
                             saved_optional(sample_weight), group_scale});
@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_ddo_fwd_autograd(
     const std::optional<at::Tensor>& sample_weight, double alpha, double beta, int64_t reduction) {
   const variable_list out = DiffusionDdoFunction::apply(pred, pred_ref, target, weight, is_real,
                                                         sample_weight, alpha, beta, reduction);
-  return {out[0], out[1], out[2]};
+  return {out[0], out[1], out[2].detach()};
 }
 
 }  // namespace

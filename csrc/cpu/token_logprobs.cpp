@@ -122,8 +122,9 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad, const at::Tensor& logi
 }
 
 // Autograd for CPU tensors (autograd.h): the Python setup_context/backward of
-// ddo_fast/ops/token_logprobs.py in C++. Only `logits` gets a gradient; stats is not
-// differentiable. The upstream gradient of logp is materialised (zeros when unused), as there.
+// ddo_fast/ops/token_logprobs.py in C++. Only `logits` gets a gradient; stats is returned
+// detached (not differentiable, see autograd.h). The node's one differentiable output is logp, so
+// its upstream gradient is defined whenever the backward runs (the Python one materialises it).
 using FwdSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                              int64_t);
 using BwdSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -135,7 +136,7 @@ struct TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFun
     static const auto fwd = typed_op<FwdSignature>("ddo_fast::token_logprobs_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [logp, stats] = fwd.call(logits, targets, ignore_index);
-    ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({logits, targets, stats});
     ctx->saved_data["ignore_index"] = ignore_index;
     return {logp, stats};
@@ -144,7 +145,7 @@ struct TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFun
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = typed_op<BwdSignature>("ddo_fast::token_logprobs_bwd");
     at::Tensor grad;
-    if (ctx->needs_input_grad(0)) {
+    if (ctx->needs_input_grad(0) && grads[0].defined()) {
       const variable_list s = ctx->get_saved_variables();
       grad = bwd.call(grads[0], s[0], s[1], s[2], ctx->saved_data["ignore_index"].toInt());
     }
@@ -156,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_fwd_autograd(const at::Tensor&
                                                                const at::Tensor& targets,
                                                                int64_t ignore_index) {
   const variable_list out = TokenLogprobsFunction::apply(logits, targets, ignore_index);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};
 }
 
 }  // namespace
