@@ -118,6 +118,31 @@ def _children(pid: int) -> list[int]:
     return [int(k) for t in tasks.iterdir() for k in (t / "children").read_text().split()]
 
 
+def _torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """train_script.py under torchrun (2 ranks, gloo, CPU); a rank that hangs fails the test at
+    the time limit (the launcher and every rank are then killed: torchrun puts each rank in a
+    session of its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen(
+        [sys.executable, *run, str(SCRIPT), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env | {"OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"a rank hung:\n{stdout[-2000:]}{stderr[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 @pytest.mark.slow
 def test_two_ranks_both_refuse_a_held_out_dir(tmp_path):
     """torchrun, 2 ranks (gloo, CPU), on a folder this process holds: each rank raises the
@@ -126,28 +151,27 @@ def test_two_ranks_both_refuse_a_held_out_dir(tmp_path):
     written into the folder. A rank that hangs fails the test at the time limit (the launcher
     and every rank are then killed: torchrun puts each rank in a session of its own)."""
     out = tmp_path / "held"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd = [sys.executable, *run, str(SCRIPT), str(out), "--expect-refused"]
     with checkpoint.out_dir_lock(out, 0, 1):
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env | {"OMP_NUM_THREADS": "1"},
-            start_new_session=True,
-        )
-        try:
-            stdout, stderr = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for pid in _children(proc.pid):
-                os.kill(pid, signal.SIGKILL)
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"a rank hung on a held out_dir:\n{stdout[-2000:]}{stderr[-4000:]}")
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+        done = _torchrun([str(out), "--expect-refused"])
+    stdout, stderr = done.stdout, done.stderr
+    assert done.returncode == 0, stdout[-2000:] + stderr[-4000:]
     for rank in (0, 1):
         said = f"rank {rank} refused, group up: False: ddo_fast.train: out_dir {out} is in use"
         assert said in stdout, stdout[-2000:] + stderr[-4000:]
     assert list(out.iterdir()) == [out / checkpoint.LOCK]
+
+
+@pytest.mark.slow
+def test_two_ranks_retry_after_a_refusal_and_run_again(tmp_path):
+    """torchrun, 2 ranks: a train() refused on a held folder (its group destroyed), then three
+    train() calls one after another in the same processes, each starting and destroying its own
+    group. Each group gets a fresh key prefix in torchrun's store: under the same keys a new
+    group could read the previous one's stale gloo addresses (hung or failed about half the
+    time per retry before)."""
+    done = _torchrun([str(tmp_path / "run"), "--retries", "3", "--steps", "2"], timeout=180)
+    stdout, stderr = done.stdout, done.stderr
+    assert done.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank} refused, group up: False" in stdout, stdout[-2000:]
+        for k in (1, 2, 3):
+            assert f"rank {rank} retry {k} ok, group up: False" in stdout, stdout[-2000:]

@@ -10,10 +10,14 @@ blocks (CausalTransformer + CausalAR: FSDP units per block, KV-cache sampler) | 
 same with the fused-linear loss on hidden states and the head weight, and LossOutput.stats),
 --chunk (the fused loss's chunk_size), --count-gathers (FSDP all-gathers per step into
 OUT/gathers-rank{R}.json, with the head weights the loss saw), --expect-refused (a RuntimeError
-from train() is printed as "rank R refused, group up: BOOL: MESSAGE" and the rank exits 0).
+from train() is printed as "rank R refused, group up: BOOL: MESSAGE" and the rank exits 0),
+--retries K (rank 0 holds OUT's lock in this process during a first train(), which every rank must
+see refused; then K more train() calls in the same processes, each into OUT/retry-K, each printing
+"rank R retry K ok": groups that train() starts and destroys one after another).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -126,6 +130,23 @@ def count_gathers(calls: dict):
     return lambda: setattr(FSDPParamGroup, "unshard", orig)
 
 
+def refuse_then_retry(model, data, adapter, cfg, rank: int, retries: int) -> None:
+    """--retries: a refused train() (the folder held by rank 0 of this job), then ``retries``
+    train() calls one after another in the same processes."""
+    out = Path(cfg.out_dir)
+    hold = checkpoint.out_dir_lock(out, 0, 1) if rank == 0 else contextlib.nullcontext()
+    with hold:
+        try:
+            ddo_fast.train(model, data, adapter=adapter, config=cfg)
+            raise AssertionError("train() ran on a held out_dir")
+        except RuntimeError as e:
+            print(f"rank {rank} refused, group up: {dist.is_initialized()}: {e}", flush=True)
+    for k in range(1, retries + 1):
+        again = cfg.replace(out_dir=str(out / f"retry-{k}"))
+        ddo_fast.train(model, data, adapter=adapter, config=again)
+        print(f"rank {rank} retry {k} ok, group up: {dist.is_initialized()}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -146,6 +167,7 @@ def main() -> None:
     p.add_argument("--online", action="store_true", help="fresh fakes every step")
     p.add_argument("--count-gathers", action="store_true")
     p.add_argument("--expect-refused", action="store_true")
+    p.add_argument("--retries", type=int, default=0)
     args = p.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(1)
@@ -202,6 +224,8 @@ def main() -> None:
 
         checkpoint.save_file = slow_save_file
     print("training", flush=True)
+    if args.retries:
+        return refuse_then_retry(model, data, adapter, cfg, rank, args.retries)
     try:
         result = ddo_fast.train(model, data, adapter=adapter, config=cfg, eval_fn=eval_fn)
     except RuntimeError as e:

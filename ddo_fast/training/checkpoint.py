@@ -221,7 +221,8 @@ def out_dir_lock(out: Path | None, rank: int, world: int) -> Iterator[Path]:
             else:
                 out.mkdir(parents=True, exist_ok=True)
             held, refused = _take_lock(out)
-        except OSError as e:  # read-only, permissions, quota: fail on every rank, not hang
+        except Exception as e:  # read-only, permissions, quota, a bad path, a warning made an
+            # error (-W error): whatever rank 0 meets becomes every rank's error, no rank hangs
             where = out if out is not None else "None (a new folder in the working directory)"
             refused = f"ddo_fast.train: cannot use out_dir {where}: {e!r}"
     if world > 1:

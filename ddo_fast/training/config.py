@@ -34,16 +34,17 @@ class TrainConfig:
             (:class:`~ddo_fast.adapters.CausalAR`); diffusion adapters and online fakes always
             run the reference per step.
     Bookkeeping
-        seed, out_dir (None = a new folder in the working directory), resume (continue from the
-        newest complete checkpoint in out_dir), checkpoint_every / eval_every (steps; 0 = only at
-        the end of a round), select_best_by ("last", or "min:KEY" / "max:KEY" of eval_fn's
-        result; a float result is KEY "eval"), nonfinite (a non-finite loss or gradient norm:
-        "raise" applies no update from that step on and raises at the next metrics flush, so the
-        weights are those from before the step; "skip" skips that step and counts it; both decide
-        on the device, without a host sync), device (None = cuda if available, else cpu; under
-        torchrun cuda:LOCAL_RANK), log_every (steps between metrics flushes: the one host sync
-        that moves the pending steps' metrics - every step keeps its row in metrics.csv - to the
-        CSV, TensorBoard and the progress bar).
+        seed, out_dir (None = a new folder ``ddo-train-STAMP[-N]`` in rank 0's working directory),
+        resume (continue from the newest complete checkpoint in out_dir; with out_dir None there is
+        nothing to resume: a new folder), checkpoint_every / eval_every (steps; 0 = only at the end
+        of a round), select_best_by ("last", or "min:KEY" / "max:KEY" of eval_fn's result; a float
+        result is KEY "eval"), nonfinite (a non-finite loss or gradient norm: "raise" applies no
+        update from that step on and raises at the next metrics flush, so the weights are those from
+        before the step; "skip" skips that step and counts it; both decide on the device, without a
+        host sync), device (None = cuda if available, else cpu; under torchrun cuda:LOCAL_RANK),
+        log_every (steps between metrics flushes: the one host sync that moves the pending steps'
+        metrics - every step keeps its row in metrics.csv - to the CSV, TensorBoard and the progress
+        bar).
     Scale-out (under ``torchrun``; see :mod:`ddo_fast.training.fsdp`)
         distributed: "ddp" (theta replicated on every rank, gradients all-reduced: the model
             must fit one device) or "fsdp" (FSDP2 ``fully_shard``: theta, the frozen reference,

@@ -94,6 +94,9 @@ def pick_device(requested: str | None, world: int, local_rank: int) -> torch.dev
     return device
 
 
+_GROUPS_STARTED = 0  # process groups setup_distributed started in this process
+
+
 def setup_distributed(
     requested: str | None, distributed: str = "ddp"
 ) -> tuple[int, int, torch.device, bool]:
@@ -117,7 +120,19 @@ def setup_distributed(
         torch.cuda.set_device(device)
     if initialised:
         return dist.get_rank(), world, device, False
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    global _GROUPS_STARTED
+    _GROUPS_STARTED += 1  # the same count on every rank: each rank runs the same train() calls
+    # A fresh key prefix in torchrun's store per group this process starts: destroying a group
+    # resets torch's group counter, and a second group under the same keys can read the first
+    # one's stale gloo/NCCL addresses (a retry after a raise, or DDP runs back to back, hung or
+    # failed about half the time).
+    store, rank, size = next(dist.rendezvous("env://"))
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        store=dist.PrefixStore(f"ddo_fast.train/{_GROUPS_STARTED}", store),
+        rank=rank,
+        world_size=size,
+    )
     return dist.get_rank(), dist.get_world_size(), device, True
 
 
