@@ -220,9 +220,14 @@ def test_torchrun_puts_each_rank_on_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
     monkeypatch.setattr(loop.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(
-        loop.dist, "init_process_group", lambda backend: calls.append(("init", backend))
-    )
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(loop.dist, "rendezvous", lambda url: iter([(store, 1, 2)]))
+
+    def init_process_group(backend, *, store, rank, world_size):
+        assert isinstance(store, torch.distributed.PrefixStore) and (rank, world_size) == (1, 2)
+        calls.append(("init", backend))
+
+    monkeypatch.setattr(loop.dist, "init_process_group", init_process_group)
     monkeypatch.setattr(loop.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(loop.dist, "get_world_size", lambda: 2)
     for requested in (None, "cuda"):
