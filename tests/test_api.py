@@ -248,7 +248,7 @@ def test_opcheck(device):
 )
 def test_cpu_autograd_is_cpp(stem, call):
     """CPU tensors take the C++ autograd of csrc/cpu/<stem>.cpp (dispatch key AutogradCPU; the
-    Python one torch.library builds costs ~30-60 us more per forward+backward), not the Python
+    Python one torch.library builds costs ~27-60 us more per forward+backward), not the Python
     autograd that CUDA tensors keep; the float64 oracle tests check the gradients of both. (This
     test checks which autograd runs, not its gradients.)"""
     ddo_fast._library.load_ops()  # a JIT build registers the kernels on first use

@@ -1,9 +1,9 @@
 // C++ autograd of the CPU kernels (dispatch key AutogradCPU), shared pieces.
 //
 // Why C++: the autograd torch.library.register_autograd builds from ddo_fast/ops/*.py runs one
-// Python autograd.Function per call; on CPU that hop cost 30-60 us per fused forward+backward
+// Python autograd.Function per call; on CPU that hop cost 27-60 us per fused forward+backward
 // here (AMD EPYC, torch 2.13; diffusion 168-171 -> 111-124 us at a tiny size, A/B in one
-// session), about a tenth of a [64, 4, 64, 64] diffusion call. A
+// session), 4-8 % of a [64, 4, 64, 64] diffusion call. A
 // kernel registered for AutogradCPU takes precedence over that alias-key (Autograd) registration
 // for CPU tensors only: CUDA tensors keep the Python autograd (their Triton kernels are launched
 // from Python anyway). Each op's Function saves the same tensors and calls its `_bwd` operator

@@ -11,7 +11,7 @@ CPU tensors do not take this Python autograd: the C++ library registers, for the
 (which takes precedence over the alias key ``register_autograd`` uses), a C++ autograd Function
 per forward operator that saves the same tensors and calls the same backward operator
 (``csrc/cpu/autograd.h``, ``csrc/cpu/<stem>.cpp``), so a CPU call makes no Python hop inside
-autograd (30-60 us less per fused forward+backward here). CUDA tensors keep the Python autograd.
+autograd (27-60 us less per fused forward+backward here). CUDA tensors keep the Python autograd.
 
 The one route torch.library cannot express is Triton on CPU tensors (``backend="triton"`` under
 ``TRITON_INTERPRET=1``, which the tests run in the same process as the C++ kernels, so the CPU

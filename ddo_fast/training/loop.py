@@ -95,6 +95,11 @@ def pick_device(requested: str | None, world: int, local_rank: int) -> torch.dev
 
 
 _GROUPS_STARTED = 0  # process groups setup_distributed started in this process
+# The store timeout init_process_group(backend) sets (NCCL's is None in torch builds without NCCL)
+GROUP_TIMEOUT = {
+    "nccl": dist.constants.default_pg_nccl_timeout or dist.constants.default_pg_timeout,
+    "gloo": dist.constants.default_pg_timeout,
+}
 
 
 def setup_distributed(
@@ -125,11 +130,15 @@ def setup_distributed(
     # A fresh key prefix in torchrun's store per group this process starts: destroying a group
     # resets torch's group counter, and a second group under the same keys can read the first
     # one's stale gloo/NCCL addresses (a retry after a raise, or DDP runs back to back, hung or
-    # failed about half the time).
+    # failed about half the time). An elastic restart (torchrun --max-restarts) reuses the
+    # agent's store with the counter back at 1: the restart count is part of the prefix.
+    backend = "nccl" if device.type == "cuda" else "gloo"
     store, rank, size = next(dist.rendezvous("env://"))
+    store.set_timeout(GROUP_TIMEOUT[backend])
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
-        store=dist.PrefixStore(f"ddo_fast.train/{_GROUPS_STARTED}", store),
+        backend,
+        store=dist.PrefixStore(f"ddo_fast.train/{attempt}/{_GROUPS_STARTED}", store),
         rank=rank,
         world_size=size,
     )
