@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
 def _out_dir(arg: str | None, prefix: str) -> Path:
-    """--out, or a new folder in the working directory; created, and said out loud."""
-    path = Path(arg) if arg else Path.cwd() / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """--out (created if missing), or a new folder of its own in the working directory
+    (``checkpoint.new_out_dir``: two launches in the same second never share one)."""
+    if not arg:
+        from .training.checkpoint import new_out_dir
+
+        return new_out_dir(Path.cwd(), prefix)
+    path = Path(arg)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

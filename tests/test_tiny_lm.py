@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from ddo_fast.examples import tiny_lm  # noqa: E402
-from ddo_fast.examples.presets import run_preset  # noqa: E402
+from ddo_fast.examples.presets import PRESETS, run_preset  # noqa: E402
 from ddo_fast.training import TrainConfig  # noqa: E402
 
 
@@ -77,20 +77,10 @@ def test_pretrain_cache_name_covers_heads_and_batch(tmp_path):
     """Runs that differ only in ``heads`` or ``pretrain_batch`` must not share a pre-trained
     model (GPT-2's parameter shapes do not depend on ``heads``: a shared cache file would load
     silently)."""
-    opts = dict(
-        digits=1,
-        pairs=0,
-        arch="gpt2",
-        dim=8,
-        layers=1,
-        heads=2,
-        pretrain_steps=2,
-        pretrain_lr=1e-3,
-        pretrain_batch=4,
-        eval_prompts=4,
-        eval_samples=1,
-        select_prompts=4,
-    )
+    # the preset's own options (so a new one reaches this test), made tiny
+    opts = {k: v for k, v in PRESETS["tiny-lm"].options.items() if k not in ("seeds", "control")}
+    opts |= dict(digits=1, dim=8, heads=2, pretrain_steps=2, pretrain_lr=1e-3, pretrain_batch=4)
+    opts |= dict(eval_prompts=4, eval_samples=1, select_prompts=4)
     cfg = TrainConfig(
         batch_size=4, steps_per_round=1, fake_samples_per_round=8, eval_every=1, device="cpu"
     )

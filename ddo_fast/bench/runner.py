@@ -172,18 +172,20 @@ def machine_info(device: str) -> dict:
         "nice": os.nice(0),
         "loadavg_start": os.getloadavg(),
     } | git_state()
-    try:
-        from .. import _library
+    info["cpu_isa"] = info["cpu_alloc"] = None
+    if device == "cpu":  # a CUDA run never loads (or compiles on first use) the C++ library
+        try:
+            from .. import _library
 
-        info["cpu_isa"] = _library.load_ops().cpu_isa()
-    except Exception:  # noqa: BLE001 - no C++ extension (a Triton-only install): no ISA
-        info["cpu_isa"] = None
-    try:
-        from .._alloc import cpu_alloc
+            info["cpu_isa"] = _library.cpu_isa()
+        except Exception:  # noqa: BLE001 - no C++ extension (a Triton-only install): no ISA
+            pass
+        try:
+            from .._alloc import cpu_alloc
 
-        info["cpu_alloc"] = cpu_alloc()
-    except Exception:  # noqa: BLE001 - same
-        info["cpu_alloc"] = None
+            info["cpu_alloc"] = cpu_alloc()
+        except Exception:  # noqa: BLE001 - same
+            pass
     try:
         import triton
 

@@ -151,20 +151,20 @@ def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, An
     return weights, upgrade(meta, weights)
 
 
-def new_out_dir(parent: Path) -> Path:
+def new_out_dir(parent: Path, prefix: str = "ddo-train") -> Path:
     """Creates and returns a folder of its own under ``parent`` for a run without ``out_dir``:
-    ``ddo-train-YYYYmmdd-HHMMSS``, or with ``-2``, ``-3``... appended when that name exists.
+    ``<prefix>-YYYYmmdd-HHMMSS``, or with ``-2``, ``-3``... appended when that name exists.
     ``mkdir`` without ``exist_ok`` is atomic, so two runs started in the same second (in one
     process or several) never get the same folder, and no earlier folder is reused."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder, n = parent / f"ddo-train-{stamp}", 1
+    folder, n = parent / f"{prefix}-{stamp}", 1
     while True:
         try:
             folder.mkdir(parents=True)
             return folder
         except FileExistsError:  # taken, by a live run or an earlier one: the next suffix
             n += 1
-            folder = parent / f"ddo-train-{stamp}-{n}"
+            folder = parent / f"{prefix}-{stamp}-{n}"
 
 
 def _take_lock(out: Path) -> tuple[Any, str]:

@@ -47,6 +47,7 @@ class RealData:
         self.x: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self._fingerprint: str | None = None
+        self._epoch_perm: tuple[tuple[int, int], torch.Tensor] | None = None  # the last one drawn
         if isinstance(data, torch.Tensor):
             self.x = data
         elif (
@@ -108,14 +109,22 @@ class RealData:
         labels = self.get(torch.arange(min(len(self), 4096)))[1]
         return None if labels is None else int(labels.max()) + 1
 
+    def epoch_perm(self, seed: int, epoch: int) -> torch.Tensor:
+        """The permutation of epoch ``epoch``: drawn once and kept until another epoch's is
+        asked for (``indices`` runs every step; the permutation is an epoch's, not a step's)."""
+        key = (seed, epoch)
+        if self._epoch_perm is None or self._epoch_perm[0] != key:
+            perm = torch.randperm(len(self), generator=generator(seed, "epoch", epoch))
+            self._epoch_perm = (key, perm)
+        return self._epoch_perm[1]
+
     def indices(self, seed: int, start: int, count: int) -> torch.Tensor:
         """Stream positions [start, start + count) mapped through per-epoch permutations."""
         n = len(self)
         parts = []
         for epoch in range(start // n, (start + count - 1) // n + 1):  # no tensor -> host reads
             lo, hi = max(start, epoch * n), min(start + count, (epoch + 1) * n)
-            perm = torch.randperm(n, generator=generator(seed, "epoch", epoch))
-            parts.append(perm[lo - epoch * n : hi - epoch * n])
+            parts.append(self.epoch_perm(seed, epoch)[lo - epoch * n : hi - epoch * n])
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 

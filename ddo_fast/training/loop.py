@@ -95,11 +95,15 @@ def pick_device(requested: str | None, world: int, local_rank: int) -> torch.dev
 
 
 _GROUPS_STARTED = 0  # process groups setup_distributed started in this process
-# The store timeout init_process_group(backend) sets (NCCL's is None in torch builds without NCCL)
-GROUP_TIMEOUT = {
-    "nccl": dist.constants.default_pg_nccl_timeout or dist.constants.default_pg_timeout,
-    "gloo": dist.constants.default_pg_timeout,
-}
+
+
+def group_timeout(backend: str):
+    """The store timeout ``init_process_group(backend)`` would set: NCCL's default (10 min;
+    None in torch builds without NCCL), else the general one (30 min). Read when a group starts,
+    not at import: torch builds without distributed support have no ``dist.constants``."""
+    constants = dist.constants
+    nccl = constants.default_pg_nccl_timeout if backend == "nccl" else None
+    return nccl or constants.default_pg_timeout
 
 
 def setup_distributed(
@@ -134,7 +138,7 @@ def setup_distributed(
     # agent's store with the counter back at 1: the restart count is part of the prefix.
     backend = "nccl" if device.type == "cuda" else "gloo"
     store, rank, size = next(dist.rendezvous("env://"))
-    store.set_timeout(GROUP_TIMEOUT[backend])
+    store.set_timeout(group_timeout(backend))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
         backend,
